@@ -1,0 +1,104 @@
+//! The control-socket protocol: one JSON [`Request`] line in, one JSON [`Response`] line out.
+
+use serde::{Deserialize, Serialize};
+
+/// Default path of the daemon's control socket.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/gatewayd/gatewayd.sock";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    LbList,
+    LbStats,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    Status(Status),
+    LbList(Vec<LbService>),
+    LbStats(LbStats),
+    Error(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_seconds: u64,
+    pub config_path: String,
+    /// Incremented on every successfully applied configuration.
+    pub config_generation: u64,
+    pub last_reload: Option<ReloadResult>,
+    pub bpffs: String,
+    pub programs: Vec<AttachedProgram>,
+    pub services: usize,
+    pub backends: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReloadResult {
+    pub unix_time: u64,
+    pub ok: bool,
+    /// The applied generation, or the errors that made the reload fail.
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttachedProgram {
+    pub program: String,
+    pub interface: String,
+    /// `xdp/native`, `xdp/generic`, `xdp/offload` or `tcx/ingress`.
+    pub attach: String,
+    pub program_id: u32,
+    /// `adopted` when a restarted daemon took over the pinned program, `loaded` otherwise.
+    pub origin: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LbService {
+    pub name: String,
+    pub vip: String,
+    pub port: u16,
+    pub protocol: String,
+    pub service_id: u32,
+    pub source_ranges: Vec<String>,
+    pub affinity_timeout_seconds: Option<u32>,
+    pub encapsulation: String,
+    pub maglev_table_size: u32,
+    pub traffic: Traffic,
+    pub backends: Vec<LbBackend>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LbBackend {
+    pub address: String,
+    pub weight: u32,
+    pub state: String,
+    pub backend_id: u32,
+    /// Share of the Maglev table this backend owns, in slots.
+    pub maglev_slots: u32,
+    pub traffic: Traffic,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LbStats {
+    pub reasons: Vec<ReasonCount>,
+    pub flow_table_entries: u64,
+    pub flow_table_capacity: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReasonCount {
+    pub reason: String,
+    pub packets: u64,
+    pub bytes: u64,
+}

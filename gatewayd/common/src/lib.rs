@@ -1,0 +1,25 @@
+//! Types shared by the `gatewayd` daemon and the `gatewayctl` CLI.
+//!
+//! - [`maps`]: `#[repr(C)]` mirrors of the eBPF map layouts in `xdp/include/gatewayd_maps.h`.
+//! - [`api`]: the JSON protocol spoken over the daemon's unix control socket.
+
+pub mod api;
+pub mod maps;
+
+#[cfg(feature = "aya")]
+mod pod {
+    use crate::maps::*;
+    // SAFETY: every type is #[repr(C)], made only of integers and byte arrays, with no padding
+    // the kernel could leave uninitialised (sizes are asserted in maps.rs).
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for LbFlow {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for Affinity {}
+    unsafe impl aya::Pod for SourceRangeData {}
+    unsafe impl aya::Pod for LbSettings {}
+    unsafe impl aya::Pod for TrafficCounters {}
+    unsafe impl aya::Pod for ReasonCounters {}
+}

@@ -1,0 +1,508 @@
+//! Loading and validating `gatewayd.toml`.
+//!
+//! The file is read in three passes so that `check-config` can name every problem at once:
+//! 1. serde with `deny_unknown_fields`; an unknown key is recorded and commented out, and the
+//!    parse is retried, so one stray key does not hide the rest of the file;
+//! 2. semantic validation of every value (addresses, CIDRs, names, duplicates, interfaces);
+//! 3. each error's path (`services[1].vip`) is mapped back to its line with toml_edit's spans.
+
+mod raw;
+mod validate;
+
+use crate::model::DesiredState;
+use ipnet::IpNet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+pub use validate::{AnyHost, Host, SystemHost};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/gatewayd/gatewayd.toml";
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/gatewayd";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/gatewayd";
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9469";
+
+/// A validated configuration: daemon settings plus the desired dataplane state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub settings: Settings,
+    pub desired: DesiredState,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub bpffs: PathBuf,
+    pub control_socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub log_level: String,
+    pub log_format: LogFormat,
+    pub metrics_listen: SocketAddr,
+    pub interfaces: Vec<Interface>,
+    pub lb: LbSettings,
+    pub clusters: Vec<Cluster>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub xdp_mode: XdpMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum XdpMode {
+    Native,
+    Generic,
+    Offload,
+}
+
+impl fmt::Display for XdpMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            XdpMode::Native => "native",
+            XdpMode::Generic => "generic",
+            XdpMode::Offload => "offload",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LbSettings {
+    pub maglev_table_size: u32,
+    pub maglev_seed: u64,
+    pub flow_table_size: u32,
+    pub max_services: u32,
+    pub max_backends: u32,
+    /// Outer source of encapsulated IPv4 packets; `None`: the primary address of the interface.
+    pub encap_source_v4: Option<IpNet>,
+    pub encap_source_v6: Option<IpNet>,
+}
+
+impl LbSettings {
+    /// Settings that size maps: changing them needs the maps recreated, so only a restart
+    /// applies them.
+    pub fn capacities(&self) -> (u32, u32, u32) {
+        (self.flow_table_size, self.max_services, self.max_backends)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    pub id: u32,
+    pub name: String,
+    pub access: ClusterAccess,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterAccess {
+    Kubeconfig {
+        path: PathBuf,
+        context: Option<String>,
+    },
+    Token {
+        server: String,
+        token_file: PathBuf,
+        ca_file: Option<PathBuf>,
+    },
+}
+
+/// One problem in the file, located as precisely as the file allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted path of the offending key, e.g. `services[1].vip`.
+    pub path: String,
+    pub line: Option<usize>,
+    pub value: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(line) = self.line {
+            write!(f, "line {line}: ")?;
+        }
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)?;
+        if let Some(value) = &self.value {
+            write!(f, " (value: {value})")?;
+        }
+        Ok(())
+    }
+}
+
+/// All the errors of one file.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors {
+    pub source: String,
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}: {e}", self.source)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Reads and validates a config file.
+pub fn load_file(path: &Path, host: &dyn Host) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+        source: path.display().to_string(),
+        errors: vec![ConfigError {
+            path: String::new(),
+            line: None,
+            value: None,
+            message: format!("cannot read the file: {e}"),
+        }],
+    })?;
+    parse(&text, host).map_err(|errors| ConfigErrors {
+        source: path.display().to_string(),
+        errors,
+    })
+}
+
+/// Parses and validates config text; `Err` holds every error found, in file order.
+pub fn parse(text: &str, host: &dyn Host) -> Result<Config, Vec<ConfigError>> {
+    let doc = match toml_edit::Document::parse(text) {
+        Ok(doc) => doc,
+        Err(e) => {
+            return Err(vec![ConfigError {
+                path: String::new(),
+                line: e.span().map(|s| line_of(text, s.start)),
+                value: None,
+                message: format!("invalid TOML: {}", e.message()),
+            }])
+        }
+    };
+    let mut errors = Vec::new();
+    let raw = deserialize_reporting_unknown_keys(text, &mut errors);
+    if let Some(raw) = raw {
+        let result = validate::validate(raw, host);
+        match result {
+            Ok(config) if errors.is_empty() => return Ok(config),
+            Ok(_) => {}
+            Err(mut semantic) => {
+                for e in &mut semantic {
+                    e.line = span_of_path(&doc, &e.path).map(|s| line_of(text, s.start));
+                }
+                errors.extend(semantic);
+            }
+        }
+    }
+    errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+    Err(errors)
+}
+
+/// Runs serde over the text; each unknown key is reported and commented out, then the parse is
+/// retried. Returns `None` when another kind of serde error (a wrong type) stops it.
+fn deserialize_reporting_unknown_keys(text: &str, errors: &mut Vec<ConfigError>) -> Option<raw::RawConfig> {
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    // Each round removes one key, so the loop ends; the bound guards against a parser surprise.
+    for _ in 0..=lines.len() {
+        let current = lines.join("\n");
+        let err = match toml::from_str::<raw::RawConfig>(&current) {
+            Ok(raw) => return Some(raw),
+            Err(err) => err,
+        };
+        let line = err.span().map(|s| line_of(&current, s.start));
+        let message = err.message().to_owned();
+        let unknown = message.starts_with("unknown field");
+        errors.push(ConfigError {
+            path: String::new(),
+            line,
+            value: None,
+            message: if unknown {
+                message.replace(", expected", "; expected")
+            } else {
+                message
+            },
+        });
+        match (unknown, line) {
+            (true, Some(line)) => comment_out_key(&mut lines, line - 1),
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// Comments out the key at `index`: a `[table]` header takes its whole table with it.
+fn comment_out_key(lines: &mut [String], index: usize) {
+    let is_header = |l: &str| l.trim_start().starts_with('[');
+    let header = is_header(&lines[index]);
+    lines[index].insert(0, '#');
+    if header {
+        for line in lines[index + 1..].iter_mut() {
+            if is_header(line) {
+                break;
+            }
+            line.insert(0, '#');
+        }
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Finds the span of `a.b[2].c` in the parsed document; where the path runs out (a key that
+/// was defaulted), the span of the deepest part that exists.
+fn span_of_path(doc: &toml_edit::Document<&str>, path: &str) -> Option<std::ops::Range<usize>> {
+    use toml_edit::{Item, Value};
+    let segments: Vec<&str> = path.split('.').collect();
+    let mut table: &dyn toml_edit::TableLike = doc.as_table();
+    let mut span = None;
+    for (n, segment) in segments.iter().enumerate() {
+        let last = n + 1 == segments.len();
+        let (key, index) = match segment.split_once('[') {
+            Some((key, rest)) => (key, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (*segment, None),
+        };
+        let Some((k, v)) = table.get_key_value(key) else {
+            return span;
+        };
+        span = v.span().or_else(|| k.span()).or(span);
+        let next: Option<&dyn toml_edit::TableLike> = match (index, v) {
+            (None, _) => v.as_table_like(),
+            (Some(i), Item::ArrayOfTables(a)) => a.get(i).map(|t| {
+                span = t.span().or(span.clone());
+                t as &dyn toml_edit::TableLike
+            }),
+            (Some(i), Item::Value(Value::Array(a))) => a.get(i).and_then(|e| {
+                span = e.span().or(span.clone());
+                e.as_inline_table().map(|t| t as &dyn toml_edit::TableLike)
+            }),
+            _ => None,
+        };
+        match next {
+            Some(t) if !last => table = t,
+            _ => return span,
+        }
+    }
+    span
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{BackendState, Encapsulation, Protocol, ServiceKey};
+
+    /// A host with exactly these interfaces.
+    struct FakeHost(&'static [&'static str]);
+    impl Host for FakeHost {
+        fn interface_exists(&self, name: &str) -> bool {
+            self.0.contains(&name)
+        }
+    }
+    const HOST: FakeHost = FakeHost(&["eth0", "lo"]);
+
+    fn errors(text: &str) -> Vec<ConfigError> {
+        parse(text, &HOST).expect_err("config should be rejected")
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let text = include_str!("../../../../config/gatewayd.example.toml");
+        let config = parse(text, &HOST).unwrap_or_else(|e| panic!("{e:#?}"));
+        assert_eq!(config.desired.services.len(), 2);
+        assert_eq!(config.settings.interfaces[0].xdp_mode, XdpMode::Generic);
+        let dns = config
+            .desired
+            .services
+            .values()
+            .find(|s| s.name == "dns")
+            .unwrap();
+        assert_eq!(dns.encapsulation, Encapsulation::Gue { port: 6080 });
+        assert_eq!(dns.key.protocol, Protocol::Udp);
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let config = parse("", &HOST).unwrap();
+        assert_eq!(config.settings.bpffs, PathBuf::from(DEFAULT_BPFFS));
+        assert_eq!(config.settings.metrics_listen.to_string(), DEFAULT_METRICS_LISTEN);
+        assert_eq!(config.settings.lb.maglev_table_size, 16381);
+        assert!(config.desired.services.is_empty());
+    }
+
+    #[test]
+    fn one_error_per_problem_with_lines_and_values() {
+        let text = r#"
+[daemon]
+bpffs = "/sys/fs/bpf/gatewayd"
+colour = "blue"
+
+[[interfaces]]
+name = "eth9"
+
+[[services]]
+name = "a"
+vip = "10.0.0.1"
+port = 80
+source_ranges = ["10.1.0.0/33"]
+backends = [{ address = "10.2.0.1" }]
+
+[[services]]
+name = "b"
+vip = "10.0.0.1"
+port = 80
+backends = [{ address = "10.2.0.2" }]
+"#;
+        let errs = errors(text);
+        let shown: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        assert_eq!(errs.len(), 4, "{shown:#?}");
+        assert_eq!(errs[0].line, Some(4));
+        assert!(shown[0].contains("unknown field `colour`"), "{}", shown[0]);
+        assert_eq!(errs[1].line, Some(7));
+        assert!(
+            shown[1].contains("interfaces[0].name")
+                && shown[1].contains("\"eth9\"")
+                && shown[1].contains("no such network interface")
+        );
+        assert_eq!(errs[2].line, Some(13));
+        assert!(shown[2].contains("services[0].source_ranges[0]") && shown[2].contains("10.1.0.0/33"));
+        assert_eq!(errs[3].line, Some(18));
+        assert!(
+            shown[3].contains("duplicate VIP") && shown[3].contains("services[0]"),
+            "{}",
+            shown[3]
+        );
+    }
+
+    #[test]
+    fn unknown_table_is_reported_and_the_rest_still_checked() {
+        let errs = errors("[colours]\nred = 1\n\n[lb]\nmaglev_table_size = 16380\n");
+        assert_eq!(errs.len(), 2, "{errs:#?}");
+        assert!(errs[0].message.contains("unknown field `colours`"));
+        assert_eq!(errs[1].path, "lb.maglev_table_size");
+        assert_eq!(errs[1].line, Some(5));
+    }
+
+    #[test]
+    fn syntax_error_names_its_line() {
+        let errs = errors("[lb]\nmaglev_seed = = 3\n");
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].line, Some(2));
+        assert!(errs[0].message.starts_with("invalid TOML"));
+    }
+
+    #[test]
+    fn wrong_type_is_reported() {
+        let errs = errors("[lb]\nmaglev_seed = \"three\"\n");
+        assert_eq!(errs[0].line, Some(2));
+        assert!(errs[0].message.contains("invalid type"), "{errs:?}");
+    }
+
+    #[test]
+    fn values_are_checked_individually() {
+        let text = r#"
+[metrics]
+listen = "localhost"
+
+[lb]
+encap_source_v4 = "2001:db8::1"
+encap_source_v6 = "2001:db8::/64"
+
+[[services]]
+name = "a"
+vip = "fd00::1"
+port = 0
+protocol = "sctp"
+source_ranges = ["10.0.0.1/8", "10.0.0.0/8"]
+encapsulation = "gue"
+backends = [
+  { address = "fd00:1::1", weight = 0 },
+  { address = "fd00:1::1" },
+  { address = "fd00:1::2", state = "drained" },
+]
+"#;
+        let paths: Vec<String> = errors(text).into_iter().map(|e| e.path).collect();
+        assert_eq!(
+            paths,
+            [
+                "metrics.listen",
+                "lb.encap_source_v4",
+                // A missing key is located at its table's header.
+                "services[0].gue_port",
+                "services[0].port",
+                "services[0].protocol",
+                "services[0].source_ranges[0]",
+                "services[0].source_ranges",
+                "services[0].backends[0].weight",
+                "services[0].backends[1].address",
+                "services[0].backends[2].state",
+            ]
+        );
+    }
+
+    #[test]
+    fn services_become_the_model() {
+        let config = parse(
+            r#"
+[[services]]
+name = "web"
+vip = "10.0.0.1"
+port = 80
+session_affinity_timeout = 60
+backends = [{ address = "10.1.0.1", weight = 5, state = "terminating" }]
+"#,
+            &HOST,
+        )
+        .unwrap();
+        let key = ServiceKey {
+            vip: "10.0.0.1".parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        let s = &config.desired.services[&key];
+        assert_eq!(s.affinity_timeout, Some(60));
+        assert_eq!(s.backends[0].weight, 5);
+        assert_eq!(s.backends[0].state, BackendState::Terminating);
+    }
+
+    #[test]
+    fn peers_policies_and_clusters_are_validated() {
+        let text = r#"
+[[egress_policies]]
+name = "p"
+destination_cidrs = ["203.0.113.0/24"]
+egress_ip = "192.0.2.1"
+egress_interface = "eth0"
+
+[[peers]]
+name = "n"
+public_key = "short"
+
+[[clusters]]
+id = 0
+name = "c"
+"#;
+        let paths: Vec<String> = errors(text).into_iter().map(|e| e.path).collect();
+        assert_eq!(
+            paths,
+            [
+                "egress_policies[0].egress_ip",
+                "peers[0].public_key",
+                "clusters[0].kubeconfig",
+                "clusters[0].id"
+            ]
+        );
+    }
+}

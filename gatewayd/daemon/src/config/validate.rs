@@ -1,0 +1,537 @@
+//! Semantic validation: raw strings to typed settings and model, every error collected.
+
+use super::raw::*;
+use super::*;
+use crate::lb::maglev;
+use crate::model::*;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::str::FromStr;
+
+/// What validation needs to know about the machine it runs on.
+pub trait Host {
+    fn interface_exists(&self, name: &str) -> bool;
+}
+
+/// The real machine (the current network namespace).
+pub struct SystemHost;
+
+impl Host for SystemHost {
+    fn interface_exists(&self, name: &str) -> bool {
+        nix::net::if_::if_nametoindex(name).is_ok()
+    }
+}
+
+/// A host on which every interface exists: for commands that read the file but act on pins,
+/// not interfaces (teardown).
+pub struct AnyHost;
+
+impl Host for AnyHost {
+    fn interface_exists(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// Collects errors while converting, so one bad value never hides the next.
+struct Checker {
+    errors: Vec<ConfigError>,
+}
+
+impl Checker {
+    fn error(&mut self, path: String, value: Option<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            path,
+            line: None,
+            value,
+            message: message.into(),
+        });
+    }
+
+    fn parse<T: FromStr>(&mut self, path: String, value: &str, what: &str) -> Option<T> {
+        match value.parse() {
+            Ok(v) => Some(v),
+            Err(_) => {
+                self.error(path, Some(format!("{value:?}")), format!("not {what}"));
+                None
+            }
+        }
+    }
+
+    /// Parses a CIDR and insists it is a network address (no host bits set), the way routers
+    /// and Kubernetes do: `10.0.0.1/8` is almost always a typo.
+    fn cidr(&mut self, path: String, value: &str) -> Option<IpNet> {
+        let net: IpNet = self.parse(path.clone(), value, "a CIDR (address/prefix-length)")?;
+        if net.trunc() != net {
+            self.error(
+                path,
+                Some(format!("{value:?}")),
+                format!("host bits set; the network is {}", net.trunc()),
+            );
+            return None;
+        }
+        Some(net)
+    }
+
+    fn cidrs(&mut self, path: &str, values: &[String]) -> Vec<IpNet> {
+        values
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| self.cidr(format!("{path}[{i}]"), v))
+            .collect()
+    }
+
+    fn one_of<T: Copy>(&mut self, path: String, value: Option<&str>, default: T, choices: &[(&str, T)]) -> T {
+        let Some(value) = value else { return default };
+        match choices.iter().find(|(name, _)| *name == value) {
+            Some((_, v)) => *v,
+            None => {
+                let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+                self.error(
+                    path,
+                    Some(format!("{value:?}")),
+                    format!("must be one of {}", names.join(", ")),
+                );
+                default
+            }
+        }
+    }
+}
+
+pub(super) fn validate(raw: RawConfig, host: &dyn Host) -> Result<Config, Vec<ConfigError>> {
+    let mut c = Checker { errors: Vec::new() };
+
+    let settings = settings(&mut c, &raw, host);
+    let services = services(&mut c, &raw.services);
+    let egress_policies = egress_policies(&mut c, &raw.egress_policies, host);
+    let peers = peers(&mut c, &raw.peers);
+
+    if c.errors.is_empty() {
+        Ok(Config {
+            settings,
+            desired: DesiredState {
+                services,
+                egress_policies,
+                peers,
+            },
+        })
+    } else {
+        Err(c.errors)
+    }
+}
+
+fn settings(c: &mut Checker, raw: &RawConfig, host: &dyn Host) -> Settings {
+    let metrics_listen = raw.metrics.listen.as_deref().unwrap_or(DEFAULT_METRICS_LISTEN);
+    let metrics_listen = c
+        .parse("metrics.listen".into(), metrics_listen, "an address:port")
+        .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.parse().expect("valid default"));
+
+    let log_level = raw.logging.level.clone().unwrap_or_else(|| "info".into());
+    c.one_of(
+        "logging.level".into(),
+        Some(log_level.as_str()),
+        (),
+        &[
+            ("error", ()),
+            ("warn", ()),
+            ("info", ()),
+            ("debug", ()),
+            ("trace", ()),
+        ],
+    );
+    let log_format = c.one_of(
+        "logging.format".into(),
+        raw.logging.format.as_deref(),
+        LogFormat::Text,
+        &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+    );
+
+    let mut seen = HashSet::new();
+    let mut interfaces = Vec::new();
+    for (i, iface) in raw.interfaces.iter().enumerate() {
+        let path = format!("interfaces[{i}].name");
+        if !seen.insert(iface.name.as_str()) {
+            c.error(path, Some(format!("{:?}", iface.name)), "interface listed twice");
+            continue;
+        }
+        if !host.interface_exists(&iface.name) {
+            c.error(
+                path,
+                Some(format!("{:?}", iface.name)),
+                "no such network interface on this host",
+            );
+        }
+        let xdp_mode = c.one_of(
+            format!("interfaces[{i}].xdp_mode"),
+            iface.xdp_mode.as_deref(),
+            XdpMode::Native,
+            &[
+                ("native", XdpMode::Native),
+                ("generic", XdpMode::Generic),
+                ("offload", XdpMode::Offload),
+            ],
+        );
+        interfaces.push(Interface {
+            name: iface.name.clone(),
+            xdp_mode,
+        });
+    }
+
+    let lb = lb_settings(c, &raw.lb);
+    let clusters = clusters(c, &raw.clusters);
+
+    let path = |v: &Option<String>, default: &str| PathBuf::from(v.as_deref().unwrap_or(default));
+    let settings = Settings {
+        bpffs: path(&raw.daemon.bpffs, DEFAULT_BPFFS),
+        control_socket: path(
+            &raw.daemon.control_socket,
+            gatewayd_common::api::DEFAULT_CONTROL_SOCKET,
+        ),
+        state_dir: path(&raw.daemon.state_dir, DEFAULT_STATE_DIR),
+        log_level,
+        log_format,
+        metrics_listen,
+        interfaces,
+        lb,
+        clusters,
+    };
+    for (key, p) in [
+        ("daemon.bpffs", &settings.bpffs),
+        ("daemon.control_socket", &settings.control_socket),
+        ("daemon.state_dir", &settings.state_dir),
+    ] {
+        if !p.is_absolute() {
+            c.error(
+                key.into(),
+                Some(format!("{:?}", p.display().to_string())),
+                "must be an absolute path",
+            );
+        }
+    }
+    settings
+}
+
+fn lb_settings(c: &mut Checker, raw: &RawLb) -> LbSettings {
+    let maglev_table_size = raw.maglev_table_size.unwrap_or(maglev::DEFAULT_TABLE_SIZE);
+    if let Err(why) = maglev::validate_table_size(maglev_table_size) {
+        c.error(
+            "lb.maglev_table_size".into(),
+            Some(maglev_table_size.to_string()),
+            why,
+        );
+    }
+    let mut capacity = |key: &str, value: Option<u32>, default: u32, min: u32| {
+        let v = value.unwrap_or(default);
+        if v < min {
+            c.error(
+                format!("lb.{key}"),
+                Some(v.to_string()),
+                format!("must be at least {min}"),
+            );
+        }
+        v
+    };
+    let flow_table_size = capacity(
+        "flow_table_size",
+        raw.flow_table_size,
+        gatewayd_common::maps::MAX_LB_FLOWS,
+        1024,
+    );
+    let max_services = capacity(
+        "max_services",
+        raw.max_services,
+        gatewayd_common::maps::MAX_SERVICES,
+        16,
+    );
+    let max_backends = capacity(
+        "max_backends",
+        raw.max_backends,
+        gatewayd_common::maps::MAX_BACKENDS,
+        16,
+    );
+
+    let mut source = |key: &str, value: &Option<String>, v6: bool| {
+        let value = value.as_deref()?;
+        let path = format!("lb.{key}");
+        // A bare address means a fixed source; a prefix lets the flow hash pick the host bits.
+        let net = if value.contains('/') {
+            c.cidr(path.clone(), value)?
+        } else {
+            IpNet::from(c.parse::<IpAddr>(path.clone(), value, "an IP address or CIDR")?)
+        };
+        if net.addr().is_ipv6() != v6 {
+            c.error(
+                path,
+                Some(format!("{value:?}")),
+                format!("must be an IPv{} address", if v6 { 6 } else { 4 }),
+            );
+            return None;
+        }
+        Some(net)
+    };
+    let encap_source_v4 = source("encap_source_v4", &raw.encap_source_v4, false);
+    let encap_source_v6 = source("encap_source_v6", &raw.encap_source_v6, true);
+
+    LbSettings {
+        maglev_table_size,
+        maglev_seed: raw.maglev_seed.unwrap_or(0),
+        flow_table_size,
+        max_services,
+        max_backends,
+        encap_source_v4,
+        encap_source_v6,
+    }
+}
+
+fn services(c: &mut Checker, raw: &[RawService]) -> BTreeMap<ServiceKey, Service> {
+    let mut out = BTreeMap::new();
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    let mut keys: HashMap<ServiceKey, usize> = HashMap::new();
+    for (i, s) in raw.iter().enumerate() {
+        let p = |field: &str| format!("services[{i}].{field}");
+        if s.name.is_empty() {
+            c.error(p("name"), Some("\"\"".into()), "must not be empty");
+        } else if let Some(first) = names.insert(&s.name, i) {
+            c.error(
+                p("name"),
+                Some(format!("{:?}", s.name)),
+                format!("duplicate service name (also services[{first}])"),
+            );
+        }
+        let vip: Option<IpAddr> = c.parse(p("vip"), &s.vip, "an IP address");
+        let protocol = c.one_of(
+            p("protocol"),
+            s.protocol.as_deref(),
+            Protocol::Tcp,
+            &[("tcp", Protocol::Tcp), ("udp", Protocol::Udp)],
+        );
+        if s.port == 0 {
+            c.error(p("port"), Some("0".into()), "must be 1-65535");
+        }
+        let source_ranges = c.cidrs(&p("source_ranges"), &s.source_ranges);
+        let encapsulation = match (s.encapsulation.as_deref(), s.gue_port) {
+            (None | Some("ipip"), None) => Encapsulation::Ipip,
+            (Some("gue"), Some(port)) if port != 0 => Encapsulation::Gue { port },
+            (Some("gue"), _) => {
+                c.error(
+                    p("gue_port"),
+                    s.gue_port.map(|v| v.to_string()),
+                    "encapsulation \"gue\" needs a gue_port of 1-65535",
+                );
+                Encapsulation::Ipip
+            }
+            (None | Some("ipip"), Some(port)) => {
+                c.error(
+                    p("gue_port"),
+                    Some(port.to_string()),
+                    "only valid with encapsulation = \"gue\"",
+                );
+                Encapsulation::Ipip
+            }
+            (Some(other), _) => {
+                c.error(
+                    p("encapsulation"),
+                    Some(format!("{other:?}")),
+                    "must be one of ipip, gue",
+                );
+                Encapsulation::Ipip
+            }
+        };
+        if s.session_affinity_timeout == Some(0) {
+            c.error(
+                p("session_affinity_timeout"),
+                Some("0".into()),
+                "must be at least 1 second (omit it for no affinity)",
+            );
+        }
+
+        let mut backends = Vec::new();
+        let mut seen = HashSet::new();
+        for (j, b) in s.backends.iter().enumerate() {
+            let bp = |field: &str| format!("services[{i}].backends[{j}].{field}");
+            let Some(address) = c.parse::<IpAddr>(bp("address"), &b.address, "an IP address") else {
+                continue;
+            };
+            if !seen.insert(address) {
+                c.error(
+                    bp("address"),
+                    Some(format!("{:?}", b.address)),
+                    "backend listed twice in this service",
+                );
+                continue;
+            }
+            let weight = b.weight.unwrap_or(100);
+            if weight == 0 || weight > 65535 {
+                c.error(
+                    bp("weight"),
+                    Some(weight.to_string()),
+                    "must be 1-65535 (set state = \"maintenance\" to take a backend out)",
+                );
+            }
+            let state = c.one_of(
+                bp("state"),
+                b.state.as_deref(),
+                BackendState::Active,
+                &[
+                    ("active", BackendState::Active),
+                    ("terminating", BackendState::Terminating),
+                    ("maintenance", BackendState::Maintenance),
+                ],
+            );
+            backends.push(Backend {
+                address,
+                weight,
+                state,
+            });
+        }
+
+        let Some(vip) = vip else { continue };
+        let key = ServiceKey {
+            vip,
+            port: s.port,
+            protocol,
+        };
+        if let Some(first) = keys.insert(key, i) {
+            c.error(
+                p("vip"),
+                Some(format!("{:?}", s.vip)),
+                format!("duplicate VIP: {key} is already services[{first}]"),
+            );
+            continue;
+        }
+        if let Some(bad) = source_ranges.iter().find(|n| n.addr().is_ipv6() != vip.is_ipv6()) {
+            c.error(
+                p("source_ranges"),
+                Some(bad.to_string()),
+                "address family differs from the VIP's",
+            );
+        }
+        out.insert(
+            key,
+            Service {
+                name: s.name.clone(),
+                key,
+                source_ranges,
+                affinity_timeout: s.session_affinity_timeout,
+                encapsulation,
+                backends,
+            },
+        );
+    }
+    out
+}
+
+fn egress_policies(c: &mut Checker, raw: &[RawEgressPolicy], host: &dyn Host) -> Vec<EgressPolicy> {
+    let mut names = HashSet::new();
+    raw.iter()
+        .enumerate()
+        .filter_map(|(i, e)| {
+            let p = |field: &str| format!("egress_policies[{i}].{field}");
+            if !names.insert(e.name.as_str()) {
+                c.error(p("name"), Some(format!("{:?}", e.name)), "duplicate policy name");
+            }
+            let source_cidrs = c.cidrs(&p("source_cidrs"), &e.source_cidrs);
+            let destination_cidrs = c.cidrs(&p("destination_cidrs"), &e.destination_cidrs);
+            let excluded_cidrs = c.cidrs(&p("excluded_cidrs"), &e.excluded_cidrs);
+            if e.destination_cidrs.is_empty() {
+                c.error(
+                    p("destination_cidrs"),
+                    None,
+                    "at least one destination CIDR is required",
+                );
+            }
+            let target = match (&e.egress_ip, &e.egress_interface) {
+                (Some(ip), None) => EgressTarget::Ip(c.parse(p("egress_ip"), ip, "an IP address")?),
+                (None, Some(name)) => {
+                    if !host.interface_exists(name) {
+                        c.error(
+                            p("egress_interface"),
+                            Some(format!("{name:?}")),
+                            "no such network interface on this host",
+                        );
+                    }
+                    EgressTarget::Interface(name.clone())
+                }
+                _ => {
+                    c.error(
+                        p("egress_ip"),
+                        None,
+                        "set exactly one of egress_ip and egress_interface",
+                    );
+                    return None;
+                }
+            };
+            Some(EgressPolicy {
+                name: e.name.clone(),
+                source_cidrs,
+                destination_cidrs,
+                excluded_cidrs,
+                target,
+            })
+        })
+        .collect()
+}
+
+fn peers(c: &mut Checker, raw: &[RawPeer]) -> Vec<Peer> {
+    raw.iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let p = |field: &str| format!("peers[{i}].{field}");
+            if !is_wireguard_key(&r.public_key) {
+                c.error(
+                    p("public_key"),
+                    Some(format!("{:?}", r.public_key)),
+                    "not a base64 WireGuard key (44 characters)",
+                );
+            }
+            let endpoint = r
+                .endpoint
+                .as_deref()
+                .and_then(|e| c.parse(p("endpoint"), e, "an address:port"));
+            let allowed_ips = c.cidrs(&p("allowed_ips"), &r.allowed_ips);
+            Peer {
+                name: r.name.clone(),
+                public_key: r.public_key.clone(),
+                endpoint,
+                allowed_ips,
+            }
+        })
+        .collect()
+}
+
+/// A WireGuard key is 32 bytes in standard base64: 43 characters and one `=`.
+fn is_wireguard_key(key: &str) -> bool {
+    key.len() == 44
+        && key.ends_with('=')
+        && key[..43]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+}
+
+fn clusters(c: &mut Checker, raw: &[RawCluster]) -> Vec<Cluster> {
+    let mut ids = HashSet::new();
+    raw.iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            let p = |field: &str| format!("clusters[{i}].{field}");
+            if !ids.insert(r.id) {
+                c.error(p("id"), Some(r.id.to_string()), "duplicate cluster id");
+            }
+            if r.id == 0 || r.id > 255 {
+                c.error(p("id"), Some(r.id.to_string()), "must be 1-255 (it is part of every identity)");
+            }
+            let access = match (&r.kubeconfig, &r.server, &r.token_file) {
+                (Some(path), None, None) => ClusterAccess::Kubeconfig { path: path.into(), context: r.context.clone() },
+                (None, Some(server), Some(token)) => ClusterAccess::Token {
+                    server: server.clone(),
+                    token_file: token.into(),
+                    ca_file: r.ca_file.as_ref().map(PathBuf::from),
+                },
+                _ => {
+                    c.error(p("kubeconfig"), None, "set either kubeconfig (and optionally context), or server and token_file (and optionally ca_file)");
+                    return None;
+                }
+            };
+            Some(Cluster { id: r.id, name: r.name.clone(), access })
+        })
+        .collect()
+}

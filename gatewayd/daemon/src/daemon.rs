@@ -1,0 +1,316 @@
+//! The long-running daemon: applies the configuration, then serves reloads (SIGHUP), the
+//! control socket and the systemd watchdog from one loop.
+
+use crate::config::{self, Config, SystemHost};
+use crate::control;
+use crate::datapath::lb_maps::{self, LbMaps};
+use crate::datapath::{Capacities, Datapath};
+use crate::lb::reconcile::{LbParams, Programmed};
+use anyhow::{Context, Result};
+use gatewayd_common::api::{self, Request, Response};
+use gatewayd_common::maps::REASON_NAMES;
+use ipnet::IpNet;
+use sd_notify::NotifyState;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info, warn};
+
+struct Daemon {
+    config_path: PathBuf,
+    config: Config,
+    datapath: Datapath,
+    lb: LbMaps,
+    programmed: Programmed,
+    generation: u64,
+    last_reload: Option<api::ReloadResult>,
+    started: Instant,
+}
+
+fn notify(states: &[NotifyState]) {
+    // Outside systemd there is no NOTIFY_SOCKET and this is a no-op.
+    if let Err(e) = sd_notify::notify(states) {
+        warn!("sd_notify failed: {e}");
+    }
+}
+
+pub fn run(config_path: PathBuf, config: Config) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run_async(config_path, config))
+}
+
+async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
+    let s = &config.settings;
+    notify(&[NotifyState::Status("loading eBPF programs")]);
+    let mut datapath = Datapath::open(
+        &s.bpffs,
+        &Capacities {
+            max_services: s.lb.max_services,
+            max_backends: s.lb.max_backends,
+            flow_table_size: s.lb.flow_table_size,
+        },
+    )?;
+    let lb = LbMaps::new(datapath.ebpf_mut(), s.lb.flow_table_size)?;
+    let programmed = lb
+        .recover()
+        .context("reading the state left by a previous daemon")?;
+    if !programmed.services.is_empty() {
+        info!(
+            services = programmed.services.len(),
+            "adopted services programmed by a previous daemon"
+        );
+    }
+    let (queries_tx, mut queries) = tokio::sync::mpsc::channel::<control::Query>(16);
+    let _socket = control::serve(&s.control_socket, queries_tx)?;
+
+    let mut daemon = Daemon {
+        config_path,
+        config: config.clone(),
+        datapath,
+        lb,
+        programmed,
+        generation: 0,
+        last_reload: None,
+        started: Instant::now(),
+    };
+    daemon.apply(&config).context("applying the configuration")?;
+    daemon.generation = 1;
+    let status = daemon.status_line();
+    info!("{status}");
+    notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let watchdog = sd_notify::watchdog_enabled();
+    // Ping at half the timeout; a loop that stops turning stops pinging, and systemd restarts us.
+    let period = watchdog.map(|t| t / 2).unwrap_or(Duration::from_secs(3600));
+    let mut tick = tokio::time::interval(period.max(Duration::from_millis(100)));
+
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => daemon.reload(),
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+            _ = tick.tick() => if watchdog.is_some() { notify(&[NotifyState::Watchdog]) },
+            Some((request, reply)) = queries.recv() => {
+                let _ = reply.send(daemon.answer(request));
+            }
+        }
+    }
+    notify(&[
+        NotifyState::Stopping,
+        NotifyState::Status("stopping; the datapath stays attached"),
+    ]);
+    info!("stopping; programs, links and maps stay pinned so traffic keeps flowing (gatewayd teardown removes them)");
+    Ok(())
+}
+
+impl Daemon {
+    /// Programs `config` into the datapath. Validation and capacity checks happen before the
+    /// first change, so a rejected config leaves the running state exactly as it was.
+    fn apply(&mut self, config: &Config) -> Result<()> {
+        let s = &config.settings;
+        let params = LbParams {
+            table_size: s.lb.maglev_table_size,
+            seed: s.lb.maglev_seed,
+            max_services: s.lb.max_services,
+            max_backends: s.lb.max_backends,
+        };
+        let (ops, next) = self.programmed.plan(&config.desired.services, &params)?;
+        let settings = lb_maps::lb_settings(
+            s.lb.encap_source_v4
+                .or_else(|| self.default_source(config, false)),
+            s.lb.encap_source_v6.or_else(|| self.default_source(config, true)),
+        );
+        if let Err(e) = self.lb.set_settings(&settings).and_then(|_| self.lb.apply(&ops)) {
+            // The maps are what the datapath uses: re-read them so the next plan starts from the
+            // truth, then report.
+            self.programmed = self.lb.recover().unwrap_or_default();
+            return Err(e);
+        }
+        self.programmed = next;
+        if !ops.is_empty() {
+            info!(
+                operations = ops.len(),
+                services = self.programmed.services.len(),
+                "load balancer maps updated"
+            );
+        }
+        self.datapath.sync_attachments(&s.interfaces)?;
+        for (what, present) in [
+            ("egress_policies", !config.desired.egress_policies.is_empty()),
+            ("peers", !config.desired.peers.is_empty()),
+            ("clusters", !s.clusters.is_empty()),
+        ] {
+            if present {
+                warn!("{what} are configured but not enforced by this version of gatewayd");
+            }
+        }
+        Ok(())
+    }
+
+    /// With no configured encapsulation source, packets leave from the first interface's address.
+    fn default_source(&self, config: &Config, v6: bool) -> Option<IpNet> {
+        config
+            .settings
+            .interfaces
+            .iter()
+            .find_map(|i| lb_maps::interface_address(&i.name, v6))
+            .map(IpNet::from)
+    }
+
+    fn reload(&mut self) {
+        let now = SystemTime::now();
+        notify(&[NotifyState::Reloading, monotonic_now()]);
+        info!(path = %self.config_path.display(), "reloading configuration");
+        let result = config::load_file(&self.config_path, &SystemHost)
+            .map_err(anyhow::Error::from)
+            .and_then(|new| {
+                self.warn_restart_only_changes(&new);
+                self.apply(&new).map(|()| new)
+            });
+        let (ok, message) = match result {
+            Ok(new) => {
+                self.config = new;
+                self.generation += 1;
+                info!(generation = self.generation, "configuration reloaded");
+                (true, format!("generation {} applied", self.generation))
+            }
+            Err(e) => {
+                let message = format!("{e:#}");
+                error!("reload rejected, the previous configuration stays in force:\n{message}");
+                (false, message)
+            }
+        };
+        self.last_reload = Some(api::ReloadResult {
+            unix_time: now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            ok,
+            message,
+        });
+        let status = if ok {
+            self.status_line()
+        } else {
+            format!("{}; last reload FAILED", self.status_line())
+        };
+        notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+    }
+
+    fn warn_restart_only_changes(&self, new: &Config) {
+        let (old, new) = (&self.config.settings, &new.settings);
+        for (key, changed) in [
+            ("daemon.bpffs", old.bpffs != new.bpffs),
+            ("daemon.control_socket", old.control_socket != new.control_socket),
+            (
+                "lb capacities (flow_table_size, max_services, max_backends)",
+                old.lb.capacities() != new.lb.capacities(),
+            ),
+            (
+                "logging",
+                old.log_level != new.log_level || old.log_format != new.log_format,
+            ),
+        ] {
+            if changed {
+                warn!("{key} changed: takes effect at the next restart");
+            }
+        }
+    }
+
+    fn status_line(&self) -> String {
+        format!(
+            "generation {}: {} services on {} interfaces",
+            self.generation,
+            self.programmed.services.len(),
+            self.config.settings.interfaces.len()
+        )
+    }
+
+    fn answer(&self, request: Request) -> Response {
+        let result = match request {
+            Request::Status => self.status().map(Response::Status),
+            Request::LbList => self.lb_list().map(Response::LbList),
+            Request::LbStats => self.lb_stats().map(Response::LbStats),
+        };
+        result.unwrap_or_else(|e| Response::Error(format!("{e:#}")))
+    }
+
+    fn status(&self) -> Result<api::Status> {
+        Ok(api::Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            config_path: self.config_path.display().to_string(),
+            config_generation: self.generation,
+            last_reload: self.last_reload.clone(),
+            bpffs: self.datapath.pins().root().display().to_string(),
+            programs: self.datapath.attached(),
+            services: self.programmed.services.len(),
+            backends: self.programmed.services.values().map(|s| s.backends.len()).sum(),
+        })
+    }
+
+    fn lb_list(&self) -> Result<Vec<api::LbService>> {
+        let traffic = |t: gatewayd_common::maps::TrafficCounters| api::Traffic {
+            packets: t.packets,
+            bytes: t.bytes,
+            new_flows: t.new_flows,
+        };
+        let mut out = Vec::new();
+        for (key, svc) in &self.programmed.services {
+            let desired = self.config.desired.services.get(key);
+            let mut backends = Vec::new();
+            for (addr, b) in &svc.backends {
+                backends.push(api::LbBackend {
+                    address: addr.to_string(),
+                    weight: b.weight,
+                    state: b.state.to_string(),
+                    backend_id: b.backend_id,
+                    maglev_slots: svc.slots.get(&b.backend_id).copied().unwrap_or(0),
+                    traffic: traffic(self.lb.backend_traffic(b.backend_id)?),
+                });
+            }
+            out.push(api::LbService {
+                name: svc.name.clone(),
+                vip: key.vip.to_string(),
+                port: key.port,
+                protocol: key.protocol.to_string(),
+                service_id: svc.service_id,
+                source_ranges: svc.source_ranges.iter().map(|r| r.to_string()).collect(),
+                affinity_timeout_seconds: desired.and_then(|d| d.affinity_timeout),
+                encapsulation: match desired.map(|d| d.encapsulation) {
+                    Some(crate::model::Encapsulation::Gue { port }) => format!("gue:{port}"),
+                    _ => "ipip".into(),
+                },
+                maglev_table_size: svc.table.as_ref().map(|t| t.table_size).unwrap_or(0),
+                traffic: traffic(self.lb.service_traffic(svc.service_id)?),
+                backends,
+            });
+        }
+        Ok(out)
+    }
+
+    fn lb_stats(&self) -> Result<api::LbStats> {
+        let reasons = self
+            .lb
+            .reasons()?
+            .into_iter()
+            .zip(REASON_NAMES)
+            .map(|(c, name)| api::ReasonCount {
+                reason: name.into(),
+                packets: c.packets,
+                bytes: c.bytes,
+            })
+            .collect();
+        Ok(api::LbStats {
+            reasons,
+            flow_table_entries: self.lb.flow_count(),
+            flow_table_capacity: self.lb.flow_capacity(),
+        })
+    }
+}
+
+fn monotonic_now() -> NotifyState<'static> {
+    NotifyState::monotonic_usec_now().unwrap_or(NotifyState::Custom("MONOTONIC_USEC=0"))
+}

@@ -1,0 +1,624 @@
+//! Diffs the desired services against what is programmed and emits the map operations that
+//! get from one to the other, in an order that never exposes a half-made service:
+//! backends before the Maglev table that names them, the table before the VIP entry that uses
+//! it, and on removal the VIP entry first. Pure: the datapath executes the operations.
+
+use super::maglev;
+use crate::model::{BackendState, Encapsulation, Service, ServiceKey};
+use gatewayd_common::maps;
+use ipnet::IpNet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+/// Parameters of the balancing that are the same for every service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LbParams {
+    pub table_size: u32,
+    pub seed: u64,
+    pub max_services: u32,
+    pub max_backends: u32,
+}
+
+/// One change to the LB maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LbOp {
+    ResetServiceStats {
+        service_id: u32,
+    },
+    ResetBackendStats {
+        backend_id: u32,
+    },
+    PutBackend {
+        backend_id: u32,
+        value: maps::Backend,
+    },
+    /// Replace the service's Maglev table with a fresh inner map (one atomic swap).
+    PutMaglev {
+        service_id: u32,
+        table: Vec<u32>,
+    },
+    PutSourceRange {
+        service_id: u32,
+        range: IpNet,
+    },
+    PutService {
+        key: maps::VipKey,
+        value: maps::Service,
+    },
+    DeleteService {
+        key: maps::VipKey,
+    },
+    DeleteSourceRange {
+        service_id: u32,
+        range: IpNet,
+    },
+    DeleteMaglev {
+        service_id: u32,
+    },
+    DeleteBackend {
+        backend_id: u32,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgrammedBackend {
+    pub backend_id: u32,
+    pub weight: u32,
+    pub state: BackendState,
+}
+
+/// What the Maglev table of a service was built from; equal inputs give equal tables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableInput {
+    pub table_size: u32,
+    pub seed: u64,
+    pub members: Vec<(IpAddr, u32)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgrammedService {
+    pub name: String,
+    pub service_id: u32,
+    pub value: maps::Service,
+    pub backends: BTreeMap<IpAddr, ProgrammedBackend>,
+    pub source_ranges: BTreeSet<IpNet>,
+    /// `None` when recovered from the maps of a previous daemon: rebuilt on the first apply
+    /// (the rebuild is deterministic, so established flows keep their backends).
+    pub table: Option<TableInput>,
+    /// Slots per backend id in the current table (for `gatewayctl lb list`).
+    pub slots: BTreeMap<u32, u32>,
+}
+
+/// The LB state as programmed in the maps.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Programmed {
+    pub services: BTreeMap<ServiceKey, ProgrammedService>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("{needed} services exceed lb.max_services = {max}")]
+    TooManyServices { needed: usize, max: u32 },
+    #[error("{needed} backends exceed lb.max_backends = {max}")]
+    TooManyBackends { needed: usize, max: u32 },
+}
+
+pub fn vip_key(key: &ServiceKey) -> maps::VipKey {
+    let (addr, family) = maps::addr_bytes(key.vip);
+    maps::VipKey {
+        addr,
+        port: key.port.to_be(),
+        proto: key.protocol.number(),
+        family,
+    }
+}
+
+fn service_value(service: &Service, service_id: u32) -> maps::Service {
+    let mut flags = 0;
+    if !service.source_ranges.is_empty() {
+        flags |= maps::SVC_F_SOURCE_RANGES;
+    }
+    if service.affinity_timeout.is_some() {
+        flags |= maps::SVC_F_AFFINITY;
+    }
+    let (encap, gue_port) = match service.encapsulation {
+        Encapsulation::Ipip => (maps::ENCAP_IPIP, 0),
+        Encapsulation::Gue { port } => (maps::ENCAP_GUE, port.to_be()),
+    };
+    maps::Service {
+        service_id,
+        flags,
+        affinity_timeout_s: service.affinity_timeout.unwrap_or(0),
+        encap,
+        pad: 0,
+        gue_port,
+    }
+}
+
+fn state_code(state: BackendState) -> u8 {
+    match state {
+        BackendState::Active => maps::BACKEND_ACTIVE,
+        BackendState::Terminating => maps::BACKEND_TERMINATING,
+        BackendState::Maintenance => maps::BACKEND_MAINTENANCE,
+    }
+}
+
+/// Lowest ids from 1 that are not in `used`, marking each one used as it is handed out.
+struct IdAllocator {
+    used: BTreeSet<u32>,
+    next: u32,
+}
+
+impl IdAllocator {
+    fn new(used: BTreeSet<u32>) -> Self {
+        IdAllocator { used, next: 1 }
+    }
+    fn take(&mut self) -> u32 {
+        while self.used.contains(&self.next) {
+            self.next += 1;
+        }
+        self.used.insert(self.next);
+        self.next
+    }
+}
+
+impl Programmed {
+    /// Computes the operations that make the maps serve `desired`, and the state after them.
+    /// Capacity is checked first, so an oversized change touches nothing.
+    pub fn plan(
+        &self,
+        desired: &BTreeMap<ServiceKey, Service>,
+        params: &LbParams,
+    ) -> Result<(Vec<LbOp>, Programmed), PlanError> {
+        // Ids stay taken until the plan is applied, so a freed id is never reused by the same
+        // plan (a flow pinned to it could otherwise land on an unrelated backend).
+        let mut service_ids = IdAllocator::new(self.services.values().map(|s| s.service_id).collect());
+        let mut backend_ids = IdAllocator::new(
+            self.services
+                .values()
+                .flat_map(|s| s.backends.values().map(|b| b.backend_id))
+                .collect(),
+        );
+        let backends_needed: usize = desired.values().map(|s| s.backends.len()).sum();
+        // Ids run from 1 and index arrays of max entries, so id max-1 is the highest usable.
+        let id_limit = |max: u32| max.saturating_sub(1) as usize;
+        if desired.len() > id_limit(params.max_services) {
+            return Err(PlanError::TooManyServices {
+                needed: desired.len(),
+                max: params.max_services,
+            });
+        }
+        if backends_needed > id_limit(params.max_backends) {
+            return Err(PlanError::TooManyBackends {
+                needed: backends_needed,
+                max: params.max_backends,
+            });
+        }
+
+        let mut ops = Vec::new();
+        let mut removals = Vec::new();
+        let mut next = Programmed::default();
+
+        for (key, old) in &self.services {
+            if !desired.contains_key(key) {
+                removals.push(LbOp::DeleteService { key: vip_key(key) });
+                removals.push(LbOp::DeleteMaglev {
+                    service_id: old.service_id,
+                });
+                for range in &old.source_ranges {
+                    removals.push(LbOp::DeleteSourceRange {
+                        service_id: old.service_id,
+                        range: *range,
+                    });
+                }
+                for b in old.backends.values() {
+                    removals.push(LbOp::DeleteBackend {
+                        backend_id: b.backend_id,
+                    });
+                }
+            }
+        }
+
+        for (key, service) in desired {
+            let old = self.services.get(key);
+            let service_id = match old {
+                Some(o) => o.service_id,
+                None => {
+                    let id = service_ids.take();
+                    if id >= params.max_services {
+                        return Err(PlanError::TooManyServices {
+                            needed: desired.len(),
+                            max: params.max_services,
+                        });
+                    }
+                    ops.push(LbOp::ResetServiceStats { service_id: id });
+                    id
+                }
+            };
+            let mut stale_backends = Vec::new();
+            let mut backends = BTreeMap::new();
+            for b in &service.backends {
+                let old_b = old.and_then(|o| o.backends.get(&b.address));
+                let backend_id = match old_b {
+                    Some(ob) => ob.backend_id,
+                    None => {
+                        let id = backend_ids.take();
+                        if id >= params.max_backends {
+                            return Err(PlanError::TooManyBackends {
+                                needed: backends_needed,
+                                max: params.max_backends,
+                            });
+                        }
+                        ops.push(LbOp::ResetBackendStats { backend_id: id });
+                        id
+                    }
+                };
+                if old_b.map(|ob| ob.state) != Some(b.state) {
+                    let (addr, family) = maps::addr_bytes(b.address);
+                    ops.push(LbOp::PutBackend {
+                        backend_id,
+                        value: maps::Backend {
+                            addr,
+                            family,
+                            state: state_code(b.state),
+                            port: key.port.to_be(),
+                            service_id,
+                        },
+                    });
+                }
+                backends.insert(
+                    b.address,
+                    ProgrammedBackend {
+                        backend_id,
+                        weight: b.weight,
+                        state: b.state,
+                    },
+                );
+            }
+            if let Some(o) = old {
+                for (addr, ob) in &o.backends {
+                    if !backends.contains_key(addr) {
+                        stale_backends.push(LbOp::DeleteBackend {
+                            backend_id: ob.backend_id,
+                        });
+                    }
+                }
+            }
+
+            // Only active backends take new flows; the table is rebuilt when that set changes.
+            let members: Vec<(IpAddr, u32)> = service
+                .backends
+                .iter()
+                .filter(|b| b.state == BackendState::Active)
+                .map(|b| (b.address, b.weight))
+                .collect();
+            let input = TableInput {
+                table_size: params.table_size,
+                seed: params.seed,
+                members,
+            };
+            let (table, slots) = match old.filter(|o| o.table.as_ref() == Some(&input)) {
+                Some(o) => (o.table.clone(), o.slots.clone()),
+                None => {
+                    let table = build_table(&input, &backends);
+                    let mut slots = BTreeMap::new();
+                    for id in &table {
+                        *slots.entry(*id).or_insert(0u32) += 1;
+                    }
+                    ops.push(LbOp::PutMaglev { service_id, table });
+                    (Some(input), slots)
+                }
+            };
+
+            let ranges: BTreeSet<IpNet> = service.source_ranges.iter().copied().collect();
+            let old_ranges = old.map(|o| o.source_ranges.clone()).unwrap_or_default();
+            for range in ranges.difference(&old_ranges) {
+                ops.push(LbOp::PutSourceRange {
+                    service_id,
+                    range: *range,
+                });
+            }
+            let value = service_value(service, service_id);
+            if old.map(|o| o.value) != Some(value) {
+                ops.push(LbOp::PutService {
+                    key: vip_key(key),
+                    value,
+                });
+            }
+            for range in old_ranges.difference(&ranges) {
+                ops.push(LbOp::DeleteSourceRange {
+                    service_id,
+                    range: *range,
+                });
+            }
+            ops.extend(stale_backends);
+
+            next.services.insert(
+                *key,
+                ProgrammedService {
+                    name: service.name.clone(),
+                    service_id,
+                    value,
+                    backends,
+                    source_ranges: ranges,
+                    table,
+                    slots,
+                },
+            );
+        }
+        // Removed services go first: their VIPs stop before anything else changes.
+        removals.extend(ops);
+        Ok((removals, next))
+    }
+}
+
+/// The Maglev table as backend ids; empty when no backend is active.
+fn build_table(input: &TableInput, backends: &BTreeMap<IpAddr, ProgrammedBackend>) -> Vec<u32> {
+    // The hash input is the backend's address as text: the same on every gateway, whatever
+    // local ids they allocated.
+    let keys: Vec<String> = input.members.iter().map(|(addr, _)| addr.to_string()).collect();
+    let members: Vec<maglev::MaglevBackend<'_>> = keys
+        .iter()
+        .zip(&input.members)
+        .map(|(k, (_, weight))| maglev::MaglevBackend {
+            key: k.as_bytes(),
+            weight: *weight,
+        })
+        .collect();
+    maglev::build_table(&members, input.table_size, input.seed)
+        .into_iter()
+        .map(|i| backends[&input.members[i as usize].0].backend_id)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Backend, Protocol};
+
+    const PARAMS: LbParams = LbParams {
+        table_size: 251,
+        seed: 7,
+        max_services: 64,
+        max_backends: 64,
+    };
+
+    fn service(name: &str, vip: &str, backends: &[(&str, BackendState)]) -> Service {
+        Service {
+            name: name.into(),
+            key: ServiceKey {
+                vip: vip.parse().unwrap(),
+                port: 80,
+                protocol: Protocol::Tcp,
+            },
+            source_ranges: vec![],
+            affinity_timeout: None,
+            encapsulation: Encapsulation::Ipip,
+            backends: backends
+                .iter()
+                .map(|(a, s)| Backend {
+                    address: a.parse().unwrap(),
+                    weight: 100,
+                    state: *s,
+                })
+                .collect(),
+        }
+    }
+
+    fn desired(services: Vec<Service>) -> BTreeMap<ServiceKey, Service> {
+        services.into_iter().map(|s| (s.key, s)).collect()
+    }
+
+    use BackendState::*;
+
+    #[test]
+    fn new_service_is_built_backends_first_vip_last() {
+        let d = desired(vec![service(
+            "web",
+            "10.0.0.1",
+            &[("10.1.0.1", Active), ("10.1.0.2", Active)],
+        )]);
+        let (ops, next) = Programmed::default().plan(&d, &PARAMS).unwrap();
+        let kinds: Vec<&str> = ops
+            .iter()
+            .map(|op| match op {
+                LbOp::ResetServiceStats { .. } => "reset-svc",
+                LbOp::ResetBackendStats { .. } => "reset-be",
+                LbOp::PutBackend { .. } => "backend",
+                LbOp::PutMaglev { .. } => "maglev",
+                LbOp::PutService { .. } => "service",
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "reset-svc",
+                "reset-be",
+                "backend",
+                "reset-be",
+                "backend",
+                "maglev",
+                "service"
+            ]
+        );
+        let s = next.services.values().next().unwrap();
+        assert_eq!(s.service_id, 1);
+        let LbOp::PutMaglev { table, .. } = &ops[5] else {
+            panic!()
+        };
+        assert_eq!(table.len(), 251);
+        assert!(table.iter().all(|id| *id == 1 || *id == 2));
+        assert_eq!(s.slots.values().sum::<u32>(), 251);
+    }
+
+    #[test]
+    fn unchanged_desired_state_plans_nothing() {
+        let d = desired(vec![service("web", "10.0.0.1", &[("10.1.0.1", Active)])]);
+        let (_, programmed) = Programmed::default().plan(&d, &PARAMS).unwrap();
+        let (ops, again) = programmed.plan(&d, &PARAMS).unwrap();
+        assert!(ops.is_empty(), "{ops:?}");
+        assert_eq!(again, programmed);
+    }
+
+    #[test]
+    fn changing_one_service_leaves_the_other_alone() {
+        let a = service("a", "10.0.0.1", &[("10.1.0.1", Active), ("10.1.0.2", Active)]);
+        let b = service("b", "10.0.0.2", &[("10.2.0.1", Active)]);
+        let (_, programmed) = Programmed::default()
+            .plan(&desired(vec![a.clone(), b.clone()]), &PARAMS)
+            .unwrap();
+        let b_id = programmed.services[&b.key].service_id;
+        let a2 = service("a", "10.0.0.1", &[("10.1.0.1", Active)]);
+        let (ops, _) = programmed.plan(&desired(vec![a2, b]), &PARAMS).unwrap();
+        for op in &ops {
+            if let LbOp::PutMaglev { service_id, .. }
+            | LbOp::PutService {
+                value: maps::Service { service_id, .. },
+                ..
+            } = op
+            {
+                assert_ne!(*service_id, b_id, "{op:?}");
+            }
+        }
+        // The removed backend is deleted after the new table stops naming it.
+        let maglev = ops
+            .iter()
+            .position(|o| matches!(o, LbOp::PutMaglev { .. }))
+            .unwrap();
+        let delete = ops
+            .iter()
+            .position(|o| matches!(o, LbOp::DeleteBackend { .. }))
+            .unwrap();
+        assert!(maglev < delete);
+    }
+
+    #[test]
+    fn terminating_backend_keeps_its_id_and_leaves_the_table() {
+        let (_, p) = Programmed::default()
+            .plan(
+                &desired(vec![service(
+                    "a",
+                    "10.0.0.1",
+                    &[("10.1.0.1", Active), ("10.1.0.2", Active)],
+                )]),
+                &PARAMS,
+            )
+            .unwrap();
+        let old_id = p.services.values().next().unwrap().backends[&"10.1.0.2".parse().unwrap()].backend_id;
+        let (ops, next) = p
+            .plan(
+                &desired(vec![service(
+                    "a",
+                    "10.0.0.1",
+                    &[("10.1.0.1", Active), ("10.1.0.2", Terminating)],
+                )]),
+                &PARAMS,
+            )
+            .unwrap();
+        assert!(ops.contains(&LbOp::PutBackend {
+            backend_id: old_id,
+            value: maps::Backend {
+                addr: maps::addr_bytes("10.1.0.2".parse().unwrap()).0,
+                family: maps::FAMILY_INET,
+                state: maps::BACKEND_TERMINATING,
+                port: 80u16.to_be(),
+                service_id: 1,
+            }
+        }));
+        let LbOp::PutMaglev { table, .. } = ops.iter().find(|o| matches!(o, LbOp::PutMaglev { .. })).unwrap()
+        else {
+            unreachable!()
+        };
+        assert!(!table.contains(&old_id));
+        assert!(!ops.iter().any(|o| matches!(o, LbOp::DeleteBackend { .. })));
+        assert_eq!(next.services.values().next().unwrap().backends.len(), 2);
+    }
+
+    #[test]
+    fn removed_service_stops_at_the_vip_first_and_ids_are_not_reused_in_the_same_plan() {
+        let (_, p) = Programmed::default()
+            .plan(
+                &desired(vec![service("a", "10.0.0.1", &[("10.1.0.1", Active)])]),
+                &PARAMS,
+            )
+            .unwrap();
+        let (ops, next) = p
+            .plan(
+                &desired(vec![service("b", "10.0.0.2", &[("10.2.0.1", Active)])]),
+                &PARAMS,
+            )
+            .unwrap();
+        assert!(matches!(ops[0], LbOp::DeleteService { .. }));
+        assert_eq!(next.services.values().next().unwrap().service_id, 2);
+        assert_eq!(
+            next.services
+                .values()
+                .next()
+                .unwrap()
+                .backends
+                .values()
+                .next()
+                .unwrap()
+                .backend_id,
+            2
+        );
+    }
+
+    #[test]
+    fn source_ranges_are_added_before_the_flag_and_removed_after() {
+        let mut s = service("a", "10.0.0.1", &[("10.1.0.1", Active)]);
+        let (_, p) = Programmed::default()
+            .plan(&desired(vec![s.clone()]), &PARAMS)
+            .unwrap();
+        s.source_ranges = vec!["192.0.2.0/24".parse().unwrap()];
+        let (ops, p) = p.plan(&desired(vec![s.clone()]), &PARAMS).unwrap();
+        assert!(matches!(ops[0], LbOp::PutSourceRange { .. }));
+        assert!(
+            matches!(&ops[1], LbOp::PutService { value, .. } if value.flags & maps::SVC_F_SOURCE_RANGES != 0)
+        );
+        s.source_ranges = vec![];
+        let (ops, _) = p.plan(&desired(vec![s]), &PARAMS).unwrap();
+        assert!(matches!(&ops[0], LbOp::PutService { value, .. } if value.flags == 0));
+        assert!(matches!(ops[1], LbOp::DeleteSourceRange { .. }));
+    }
+
+    #[test]
+    fn capacity_is_checked_before_any_operation() {
+        let small = LbParams {
+            max_backends: 2,
+            ..PARAMS
+        };
+        let d = desired(vec![service(
+            "a",
+            "10.0.0.1",
+            &[("10.1.0.1", Active), ("10.1.0.2", Active)],
+        )]);
+        assert_eq!(
+            Programmed::default().plan(&d, &small),
+            Err(PlanError::TooManyBackends { needed: 2, max: 2 })
+        );
+    }
+
+    #[test]
+    fn recovered_state_rebuilds_identical_tables() {
+        let d = desired(vec![service(
+            "a",
+            "10.0.0.1",
+            &[("10.1.0.1", Active), ("10.1.0.2", Active)],
+        )]);
+        let (ops, p) = Programmed::default().plan(&d, &PARAMS).unwrap();
+        let mut recovered = p.clone();
+        for s in recovered.services.values_mut() {
+            s.table = None;
+        }
+        let (again, _) = recovered.plan(&d, &PARAMS).unwrap();
+        let table_of = |ops: &[LbOp]| {
+            ops.iter().find_map(|o| match o {
+                LbOp::PutMaglev { table, .. } => Some(table.clone()),
+                _ => None,
+            })
+        };
+        assert_eq!(table_of(&again), table_of(&ops));
+    }
+}

@@ -1,0 +1,15 @@
+//! gatewayd as a library: the daemon binary, the benchmarks and the tests share these modules.
+//!
+//! - [`config`]: the TOML file, validated into [`config::Settings`] and the [`model`].
+//! - [`model`]: the desired state every source feeds (TOML today, Kubernetes later).
+//! - [`lb`]: Maglev and the reconcile planner (pure).
+//! - [`datapath`]: the eBPF objects, their pins, and the maps the planner's operations write.
+//! - [`daemon`], [`control`], [`logging`]: the long-running process.
+
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod datapath;
+pub mod lb;
+pub mod logging;
+pub mod model;

@@ -1,0 +1,130 @@
+//! The desired state of the dataplane: what should be served, independent of where it came from
+//! (the TOML file today, Kubernetes later) and of how it is programmed (BPF maps).
+
+use ipnet::IpNet;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => gatewayd_common::maps::IPPROTO_TCP,
+            Protocol::Udp => gatewayd_common::maps::IPPROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// What identifies a load-balanced service on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceKey {
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.vip {
+            IpAddr::V4(v4) => write!(f, "{v4}:{}/{}", self.port, self.protocol),
+            IpAddr::V6(v6) => write!(f, "[{v6}]:{}/{}", self.port, self.protocol),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encapsulation {
+    /// IPIP for IPv4 inside, IP6IP6 (protocol 41) for IPv6 inside; the outer family is the
+    /// backend's.
+    Ipip,
+    /// GUE variant 1 (IP in UDP) to this UDP port, for backends that cannot take IPIP.
+    Gue { port: u16 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum BackendState {
+    /// Receives new flows.
+    Active,
+    /// Keeps its established flows, receives no new ones (draining).
+    Terminating,
+    /// Out of service: no new flows, and its established flows are moved to other backends.
+    Maintenance,
+}
+
+impl fmt::Display for BackendState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendState::Active => "active",
+            BackendState::Terminating => "terminating",
+            BackendState::Maintenance => "maintenance",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    pub address: IpAddr,
+    pub weight: u32,
+    pub state: BackendState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub key: ServiceKey,
+    /// Client CIDRs allowed to connect; empty means everyone.
+    pub source_ranges: Vec<IpNet>,
+    /// ClientIP session affinity timeout in seconds.
+    pub affinity_timeout: Option<u32>,
+    pub encapsulation: Encapsulation,
+    pub backends: Vec<Backend>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EgressTarget {
+    /// SNAT to this address, which gatewayd assigns to the egress interface.
+    Ip(IpAddr),
+    /// SNAT to the primary address of this interface.
+    Interface(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressPolicy {
+    pub name: String,
+    pub source_cidrs: Vec<IpNet>,
+    pub destination_cidrs: Vec<IpNet>,
+    pub excluded_cidrs: Vec<IpNet>,
+    pub target: EgressTarget,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub name: String,
+    /// Base64 WireGuard public key.
+    pub public_key: String,
+    pub endpoint: Option<std::net::SocketAddr>,
+    pub allowed_ips: Vec<IpNet>,
+}
+
+/// Everything the reconciler programs, from every source merged.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    pub services: BTreeMap<ServiceKey, Service>,
+    pub egress_policies: Vec<EgressPolicy>,
+    pub peers: Vec<Peer>,
+}

@@ -1,0 +1,179 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Balancing decisions: flow hash, connection table, ClientIP affinity, Maglev, source ranges,
+ * traffic counters.
+ *
+ * This header uses the maps defined in lb.c (include it after them): only the XDP program
+ * balances, and keeping the definitions next to the program keeps the map list in one place.
+ */
+#ifndef GD_LIB_LB_H
+#define GD_LIB_LB_H
+
+#include "lib/common.h"
+#include "lib/parse.h"
+
+/*
+ * Flow hash: Bob Jenkins' lookup3 exactly as the kernel's jhash_3words()/jhash2() compute it
+ * (include/linux/jhash.h), over the client 5-tuple, with a fixed seed.
+ *
+ * - IPv4: jhash_3words(src, dst, ports, GD_HASH_SEED + proto)
+ * - IPv6: jhash2({src[0..3], dst[0..3], ports, proto}, 10, GD_HASH_SEED)
+ *
+ * Every word is the 4 bytes of the packet field read as a host-order (little-endian) u32;
+ * `ports` is sport:dport as they sit in the packet. The seed is fixed on purpose: every
+ * gateway must pick the same Maglev slot for a flow, so that when the upstream router's ECMP
+ * moves a flow to another gateway (gateway added/removed) it still reaches the same backend.
+ * Userspace can reproduce the hash to answer "where would this flow go".
+ */
+#define GD_HASH_SEED 0x67647762 /* "gdwb" */
+#define GD_JHASH_INITVAL 0xdeadbeef
+
+#define gd_jhash_mix(a, b, c)                                                                     \
+	do {                                                                                       \
+		a -= c; a ^= gd_rol32(c, 4); c += b;                                                \
+		b -= a; b ^= gd_rol32(a, 6); a += c;                                                \
+		c -= b; c ^= gd_rol32(b, 8); b += a;                                                \
+		a -= c; a ^= gd_rol32(c, 16); c += b;                                               \
+		b -= a; b ^= gd_rol32(a, 19); a += c;                                               \
+		c -= b; c ^= gd_rol32(b, 4); b += a;                                                \
+	} while (0)
+
+#define gd_jhash_final(a, b, c)                                                                   \
+	do {                                                                                       \
+		c ^= b; c -= gd_rol32(b, 14);                                                       \
+		a ^= c; a -= gd_rol32(c, 11);                                                       \
+		b ^= a; b -= gd_rol32(a, 25);                                                       \
+		c ^= b; c -= gd_rol32(b, 16);                                                       \
+		a ^= c; a -= gd_rol32(c, 4);                                                        \
+		b ^= a; b -= gd_rol32(a, 14);                                                       \
+		c ^= b; c -= gd_rol32(b, 24);                                                       \
+	} while (0)
+
+static __always_inline __u32 gd_jhash_3words(__u32 a, __u32 b, __u32 c, __u32 initval)
+{
+	initval += GD_JHASH_INITVAL + (3 << 2);
+	a += initval;
+	b += initval;
+	c += initval;
+	gd_jhash_final(a, b, c);
+	return c;
+}
+
+static __always_inline __u32 gd_flow_hash(const struct gd_flow_key *k)
+{
+	const __u32 *s = (const __u32 *)k->src;
+	const __u32 *d = (const __u32 *)k->dst;
+	__u32 ports = *(const __u32 *)&k->sport;
+	__u32 a, b, c;
+
+	if (k->family == GD_FAMILY_INET)
+		return gd_jhash_3words(s[0], d[0], ports, GD_HASH_SEED + k->proto);
+
+	/* jhash2 over 10 words, unrolled: three mixing rounds, then the tenth word. */
+	a = b = c = GD_JHASH_INITVAL + (10 << 2) + GD_HASH_SEED;
+	a += s[0]; b += s[1]; c += s[2];
+	gd_jhash_mix(a, b, c);
+	a += s[3]; b += d[0]; c += d[1];
+	gd_jhash_mix(a, b, c);
+	a += d[2]; b += d[3]; c += ports;
+	gd_jhash_mix(a, b, c);
+	a += k->proto;
+	gd_jhash_final(a, b, c);
+	return c;
+}
+
+/*
+ * May this backend carry a packet of service `svc_id`? New flows need ACTIVE; established
+ * ones also stay on a TERMINATING backend (graceful drain). The service check catches an id
+ * that userspace freed and reused for another service while flows still pointed at it.
+ */
+static __always_inline const struct gd_backend *gd_backend_get(__u32 id, __u32 svc_id,
+								 int established)
+{
+	const struct gd_backend *be;
+
+	if (!id)
+		return NULL;
+	be = bpf_map_lookup_elem(&gd_backends, &id);
+	if (!be || be->service_id != svc_id)
+		return NULL;
+	if (be->state == GD_BACKEND_ACTIVE ||
+	    (established && be->state == GD_BACKEND_TERMINATING))
+		return be;
+	return NULL;
+}
+
+/* Source ranges: the client must fall inside one of the service's CIDRs. */
+static __always_inline int gd_source_allowed(const struct gd_pkt *pkt, __u32 svc_id)
+{
+	struct gd_source_range_key k = {
+		.prefixlen = GD_SOURCE_RANGE_PREFIX_BITS +
+			     (pkt->key.family == GD_FAMILY_INET ? 32 : 128),
+		.service_id = svc_id,
+		.family = pkt->key.family,
+	};
+
+	__builtin_memcpy(k.addr, pkt->key.src, sizeof(k.addr));
+	return bpf_map_lookup_elem(&gd_src_ranges, &k) != NULL;
+}
+
+static __always_inline void gd_affinity_key(struct gd_affinity_key *k, const struct gd_pkt *pkt,
+					    __u32 svc_id)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	__builtin_memcpy(k->client, pkt->key.src, sizeof(k->client));
+	k->service_id = svc_id;
+	k->family = pkt->key.family;
+}
+
+/*
+ * ClientIP affinity: the backend this client was last sent to, if that was less than the
+ * service's timeout ago and the backend still takes new flows. Like kube-proxy, the timer
+ * restarts with each new connection (not each packet: established packets never come here).
+ */
+static __always_inline __u32 gd_affinity_lookup(const struct gd_affinity_key *k,
+						const struct gd_service *svc, __u64 now)
+{
+	const struct gd_affinity *a = bpf_map_lookup_elem(&gd_lb_affinity, k);
+
+	if (!a)
+		return 0;
+	if (now - a->last_seen_ns > (__u64)svc->affinity_timeout_s * 1000000000ULL)
+		return 0;
+	return a->backend_id;
+}
+
+/*
+ * Maglev: the service's inner array holds the table size at index 0 and the backend ids of
+ * slots 0..size-1 at indexes 1..size (see gd_maglev in gatewayd_maps.h). The size must be
+ * read from the map because a BPF program cannot see an inner map's max_entries, and tables
+ * of different (prime) sizes share the one outer map.
+ */
+static __always_inline __u32 gd_maglev_pick(__u32 svc_id, __u32 hash)
+{
+	__u32 zero = 0, slot, *size, *id;
+	void *table;
+
+	table = bpf_map_lookup_elem(&gd_maglev, &svc_id);
+	if (!table)
+		return 0;
+	size = bpf_map_lookup_elem(table, &zero);
+	if (!size || !*size)
+		return 0;
+	slot = 1 + hash % *size;
+	id = bpf_map_lookup_elem(table, &slot);
+	return id ? *id : 0;
+}
+
+static __always_inline void gd_count_traffic(void *map, __u32 id, __u64 bytes, __u64 new_flow)
+{
+	struct gd_traffic_counters *c = bpf_map_lookup_elem(map, &id);
+
+	if (c) {
+		c->packets++;
+		c->bytes += bytes;
+		c->new_flows += new_flow;
+	}
+}
+
+#endif /* GD_LIB_LB_H */

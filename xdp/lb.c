@@ -1,0 +1,298 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * gatewayd_lb: XDP direct-server-return L4 load balancer for the gateway nodes.
+ *
+ * Packets to a VIP:port/proto listed in gd_services are sent to one backend, chosen once per
+ * flow (connection table, then ClientIP affinity, then Maglev) and encapsulated toward it;
+ * the backend answers the client directly. Everything else is passed to the stack untouched.
+ * What happened to packets that were not simply forwarded is counted in gd_reasons (see
+ * GD_REASON_* in gatewayd_maps.h and README.md).
+ */
+#include "lib/common.h"
+#include "lib/maps.h"
+
+/*
+ * Maps. All pinned by name: a restarted daemon adopts them, so flows survive restarts.
+ * max_entries are defaults: userspace sets them from its configuration at load time.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct gd_vip_key);
+	__type(value, struct gd_service);
+	__uint(max_entries, GD_MAX_SERVICES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} gd_services SEC(".maps");
+
+/*
+ * Template for the per-service Maglev tables. BPF_F_INNER_MAP lets inner arrays of any
+ * max_entries be inserted (each service table has its own prime size); inner maps must be
+ * created with the same type, key/value sizes and flags (0x1000) or the insert is refused.
+ */
+struct gd_maglev_inner {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_INNER_MAP);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, GD_MAGLEV_DEFAULT_SIZE + 1);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	/* Sizes, not BTF types: the kernel rejects BTF key/value types on map-in-map. */
+	__uint(key_size, sizeof(__u32));   /* service_id */
+	__uint(value_size, sizeof(__u32)); /* inner map fd (userspace) / id (read back) */
+	__uint(max_entries, GD_MAX_SERVICES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__array(values, struct gd_maglev_inner);
+} gd_maglev SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct gd_backend);
+	__uint(max_entries, GD_MAX_BACKENDS);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} gd_backends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct gd_flow_key);
+	__type(value, struct gd_lb_flow);
+	__uint(max_entries, GD_MAX_LB_FLOWS);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} gd_lb_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct gd_affinity_key);
+	__type(value, struct gd_affinity);
+	__uint(max_entries, GD_MAX_AFFINITY);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} gd_lb_affinity SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct gd_source_range_key);
+	__type(value, __u8);
+	__uint(max_entries, GD_MAX_SOURCE_RANGES);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* required for LPM tries */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} gd_src_ranges SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct gd_lb_settings);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} gd_lb_settings SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct gd_traffic_counters);
+	__uint(max_entries, GD_MAX_SERVICES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} gd_svc_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct gd_traffic_counters);
+	__uint(max_entries, GD_MAX_BACKENDS);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} gd_be_stats SEC(".maps");
+
+#include "lib/parse.h"
+#include "lib/csum.h"
+#include "lib/lb.h"
+#include "lib/encap.h"
+#include "lib/icmp.h"
+
+static __always_inline int gd_verdict(__u32 reason, __u64 bytes, int action)
+{
+	gd_count_reason(reason, bytes);
+	return action;
+}
+
+/*
+ * The packet is too big for the path once encapsulated: tell the client (from the VIP) what
+ * size it may send, or drop it when that is impossible.
+ */
+static __always_inline int gd_too_big(struct xdp_md *ctx, const struct gd_pkt *pkt,
+				      __u32 path_mtu, __u32 overhead)
+{
+	__u32 mtu = path_mtu > overhead ? path_mtu - overhead : 0;
+
+	if (pkt->key.family == GD_FAMILY_INET) {
+		/* Without DF the client relies on fragmentation, which XDP cannot do. */
+		if (!pkt->df)
+			return gd_verdict(GD_REASON_TOO_BIG_DROP, pkt->len, XDP_DROP);
+		if (mtu < 68) /* RFC 791 minimum; a path this small is misconfigured anyway */
+			mtu = 68;
+		if (gd_icmp4_frag_needed(ctx, pkt, mtu))
+			return gd_verdict(GD_REASON_TOO_BIG_DROP, pkt->len, XDP_DROP);
+	} else {
+		/*
+		 * Below 1280 the client cannot comply (RFC 8200 minimum MTU) and will keep sending
+		 * 1280-byte packets: the outer path must carry 1280 + overhead. The true value is
+		 * still reported so the problem is visible in the client's captures.
+		 */
+		if (gd_icmp6_too_big(ctx, pkt, mtu))
+			return gd_verdict(GD_REASON_TOO_BIG_DROP, pkt->len, XDP_DROP);
+	}
+	return gd_verdict(GD_REASON_TOO_BIG_ICMP, pkt->len, XDP_TX);
+}
+
+SEC("xdp")
+int gatewayd_lb(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	const struct gd_lb_settings *settings;
+	const struct gd_backend *be = NULL;
+	const struct gd_service *svc;
+	const struct gd_lb_flow *flow;
+	struct bpf_fib_lookup fib = {};
+	struct gd_vip_key vip = {};
+	struct gd_affinity_key ak;
+	struct gd_encap e;
+	struct gd_pkt pkt;
+	__u32 svc_id, be_id = 0, hash, zero = 0;
+	__u64 new_flow = 0, now = 0, len;
+	struct ethhdr *eth;
+	int rc;
+
+	/* The helper rather than data_end - data: pointer subtraction needs CAP_PERFMON. */
+	len = bpf_xdp_get_buff_len(ctx);
+	rc = gd_parse(data, data_end, len, &pkt);
+	if (unlikely(rc == GD_PARSE_MALFORMED))
+		return gd_verdict(GD_REASON_MALFORMED_PASS, len, XDP_PASS);
+	if (rc != GD_PARSE_OK)
+		return gd_verdict(GD_REASON_NON_VIP_PASS, len, XDP_PASS);
+
+	__builtin_memcpy(vip.addr, pkt.key.dst, sizeof(vip.addr));
+	vip.port = pkt.key.dport;
+	vip.proto = pkt.key.proto;
+	vip.family = pkt.key.family;
+	svc = bpf_map_lookup_elem(&gd_services, &vip);
+	if (!svc)
+		return gd_verdict(GD_REASON_NON_VIP_PASS, len, XDP_PASS);
+	svc_id = svc->service_id;
+
+	/* Balancing a first fragment would split the datagram: its other fragments have no
+	 * ports, so they cannot follow it to the same backend. */
+	if (pkt.fragment)
+		return gd_verdict(GD_REASON_FRAGMENT_DROP, len, XDP_DROP);
+	/* Checked on every packet, so removing a range also cuts established flows. */
+	if ((svc->flags & GD_SVC_F_SOURCE_RANGES) && !gd_source_allowed(&pkt, svc_id))
+		return gd_verdict(GD_REASON_SOURCE_RANGE_DROP, len, XDP_DROP);
+
+	hash = gd_flow_hash(&pkt.key);
+
+	/* Fast path: an established flow keeps its backend while that backend accepts it. */
+	flow = bpf_map_lookup_elem(&gd_lb_flows, &pkt.key);
+	if (flow && flow->service_id == svc_id) {
+		be_id = flow->backend_id;
+		be = gd_backend_get(be_id, svc_id, 1);
+	}
+	if (!be) {
+		new_flow = 1;
+		/*
+		 * A TCP segment that does not open a connection but has no entry: the table was
+		 * full (LRU eviction), the gateway restarted without its pins, or ECMP moved the
+		 * flow here from another gateway. Maglev picks the same backend in the common case,
+		 * so the flow is adopted rather than dropped; the counter tells how often it happens.
+		 */
+		if (pkt.key.proto == IPPROTO_TCP && !pkt.syn)
+			gd_count_reason(GD_REASON_LRU_MISS_NON_SYN, len);
+		if (svc->flags & GD_SVC_F_AFFINITY) {
+			now = bpf_ktime_get_ns();
+			gd_affinity_key(&ak, &pkt, svc_id);
+			be_id = gd_affinity_lookup(&ak, svc, now);
+			be = gd_backend_get(be_id, svc_id, 0);
+		}
+		if (!be) {
+			be_id = gd_maglev_pick(svc_id, hash);
+			if (!be_id)
+				return gd_verdict(GD_REASON_NO_BACKEND_DROP, len, XDP_DROP);
+			be = gd_backend_get(be_id, svc_id, 0);
+			if (!be)
+				return gd_verdict(GD_REASON_BAD_BACKEND_DROP, len, XDP_DROP);
+		}
+	}
+
+	settings = bpf_map_lookup_elem(&gd_lb_settings, &zero);
+	if (!settings)
+		return gd_verdict(GD_REASON_NO_ENCAP_SOURCE_DROP, len, XDP_DROP);
+	gd_encap_init(&e, &pkt, svc, be->family, hash);
+	if (gd_outer_source(settings, be->family, hash, e.saddr))
+		return gd_verdict(GD_REASON_NO_ENCAP_SOURCE_DROP, len, XDP_DROP);
+	e.daddr = be->addr;
+
+	if (new_flow) {
+		struct gd_lb_flow f = { .backend_id = be_id, .service_id = svc_id };
+
+		bpf_map_update_elem(&gd_lb_flows, &pkt.key, &f, BPF_ANY);
+		if (svc->flags & GD_SVC_F_AFFINITY) {
+			struct gd_affinity a = { .last_seen_ns = now, .backend_id = be_id };
+
+			bpf_map_update_elem(&gd_lb_affinity, &ak, &a, BPF_ANY);
+		}
+	}
+	gd_count_traffic(&gd_svc_stats, svc_id, len, new_flow);
+	gd_count_traffic(&gd_be_stats, be_id, len, new_flow);
+
+	/*
+	 * Route the outer packet before building it: tot_len makes the kernel check the route
+	 * MTU against the encapsulated size, so a too-big packet is answered from the original
+	 * frame without undoing anything.
+	 */
+	fib.l4_protocol = e.proto;
+	fib.sport = e.sport;
+	fib.dport = e.dport;
+	fib.tot_len = pkt.ip_len + e.overhead;
+	fib.ifindex = ctx->ingress_ifindex;
+	if (e.family == GD_FAMILY_INET) {
+		fib.family = AF_INET;
+		fib.tos = pkt.tos;
+		fib.ipv4_src = *(__be32 *)e.saddr;
+		fib.ipv4_dst = *(const __be32 *)e.daddr;
+	} else {
+		fib.family = AF_INET6;
+		fib.flowinfo = bpf_htonl(((__u32)pkt.tos << 20) | (hash & 0xFFFFF));
+		__builtin_memcpy(fib.ipv6_src, e.saddr, 16);
+		__builtin_memcpy(fib.ipv6_dst, e.daddr, 16);
+	}
+	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return gd_too_big(ctx, &pkt, fib.mtu_result, e.overhead);
+
+	/*
+	 * Tagged frames are encapsulated but handed to the stack whatever the route: the way out
+	 * is usually a VLAN device, which XDP cannot transmit on, and which tags to put on the
+	 * way out is the stack's business.
+	 */
+	if (!pkt.vlans && rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return gd_verdict(GD_REASON_FIB_DROP, len, XDP_DROP);
+	if (gd_encap(ctx, &pkt, &e))
+		return gd_verdict(GD_REASON_ENCAP_FAILED_DROP, len, XDP_DROP);
+	if (pkt.vlans)
+		return gd_verdict(GD_REASON_VLAN_PASS, len, XDP_PASS);
+	/* The stack forwards this one and resolves the neighbour for the next packets. */
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return gd_verdict(GD_REASON_FIB_NO_NEIGH_PASS, len, XDP_PASS);
+
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return gd_verdict(GD_REASON_ENCAP_FAILED_DROP, len, XDP_DROP);
+	__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
+	if (fib.ifindex == ctx->ingress_ifindex)
+		return XDP_TX;
+	return bpf_redirect(fib.ifindex, 0);
+}
+
+char _license[] SEC("license") = "Dual BSD/GPL";
