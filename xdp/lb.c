@@ -107,7 +107,15 @@ struct {
 #include "lib/csum.h"
 #include "lib/lb.h"
 #include "lib/encap.h"
+#include "lib/fib.h"
 #include "lib/icmp.h"
+
+/*
+ * Lifetime of a cached next hop toward a backend, in milliseconds; 0 = bpf_fib_lookup on
+ * every packet. See lib/fib.h for what the cache trades. Set by the loader (aya set_global)
+ * before load; the verifier sees a constant and drops the unused branch.
+ */
+volatile const __u32 fib_cache_ms = 50;
 
 static __always_inline int gd_verdict(__u32 reason, __u64 bytes, int action)
 {
@@ -153,7 +161,7 @@ int gatewayd_lb(struct xdp_md *ctx)
 	const struct gd_backend *be = NULL;
 	const struct gd_service *svc;
 	const struct gd_lb_flow *flow;
-	struct bpf_fib_lookup fib = {};
+	struct bpf_fib_lookup fib;
 	struct gd_vip_key vip = {};
 	struct gd_affinity_key ak;
 	struct gd_encap e;
@@ -244,27 +252,11 @@ int gatewayd_lb(struct xdp_md *ctx)
 	gd_count_traffic(&gd_be_stats, be_id, len, new_flow);
 
 	/*
-	 * Route the outer packet before building it: tot_len makes the kernel check the route
-	 * MTU against the encapsulated size, so a too-big packet is answered from the original
-	 * frame without undoing anything.
+	 * Route the outer packet before building it: the route MTU is checked against the
+	 * encapsulated size, so a too-big packet is answered from the original frame without
+	 * undoing anything.
 	 */
-	fib.l4_protocol = e.proto;
-	fib.sport = e.sport;
-	fib.dport = e.dport;
-	fib.tot_len = pkt.ip_len + e.overhead;
-	fib.ifindex = ctx->ingress_ifindex;
-	if (e.family == GD_FAMILY_INET) {
-		fib.family = AF_INET;
-		fib.tos = pkt.tos;
-		fib.ipv4_src = *(__be32 *)e.saddr;
-		fib.ipv4_dst = *(const __be32 *)e.daddr;
-	} else {
-		fib.family = AF_INET6;
-		fib.flowinfo = bpf_htonl(((__u32)pkt.tos << 20) | (hash & 0xFFFFF));
-		__builtin_memcpy(fib.ipv6_src, e.saddr, 16);
-		__builtin_memcpy(fib.ipv6_dst, e.daddr, 16);
-	}
-	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+	rc = gd_route(ctx, &pkt, &e, settings, be_id, fib_cache_ms, &fib);
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
 		return gd_too_big(ctx, &pkt, fib.mtu_result, e.overhead);
 

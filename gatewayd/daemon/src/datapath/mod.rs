@@ -158,6 +158,11 @@ impl Datapath {
         &mut self.ebpf
     }
 
+    /// The XDP program, e.g. for BPF_PROG_TEST_RUN in tests and benchmarks.
+    pub fn program(&self) -> &Xdp {
+        &self.program
+    }
+
     pub fn program_id(&self) -> Result<u32> {
         Ok(self.program.info()?.id())
     }
