@@ -6,12 +6,14 @@ use crate::control;
 use crate::datapath::lb_maps::{self, LbMaps};
 use crate::datapath::{Capacities, Datapath};
 use crate::lb::reconcile::{LbParams, Programmed};
+use crate::metrics::{self, BackendLabels, Metrics, ServiceLabels, ServiceView, Snapshot};
 use anyhow::{Context, Result};
 use gatewayd_common::api::{self, Request, Response};
 use gatewayd_common::maps::REASON_NAMES;
 use ipnet::IpNet;
 use sd_notify::NotifyState;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
@@ -22,6 +24,7 @@ struct Daemon {
     datapath: Datapath,
     lb: LbMaps,
     programmed: Programmed,
+    metrics: Arc<Metrics>,
     generation: u64,
     last_reload: Option<api::ReloadResult>,
     started: Instant,
@@ -52,7 +55,8 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
             flow_table_size: s.lb.flow_table_size,
         },
     )?;
-    let lb = LbMaps::new(datapath.ebpf_mut(), s.lb.flow_table_size)?;
+    let maps_dir = datapath.pins().maps();
+    let lb = LbMaps::new(datapath.ebpf_mut(), &maps_dir)?;
     let programmed = lb
         .recover()
         .context("reading the state left by a previous daemon")?;
@@ -64,6 +68,8 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
     }
     let (queries_tx, mut queries) = tokio::sync::mpsc::channel::<control::Query>(16);
     let _socket = control::serve(&s.control_socket, queries_tx)?;
+    let metrics = Metrics::new(maps_dir);
+    metrics::serve(s.metrics_listen, metrics.clone()).await?;
 
     let mut daemon = Daemon {
         config_path,
@@ -71,12 +77,14 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
         datapath,
         lb,
         programmed,
+        metrics,
         generation: 0,
         last_reload: None,
         started: Instant::now(),
     };
     daemon.apply(&config).context("applying the configuration")?;
     daemon.generation = 1;
+    daemon.publish_metrics();
     let status = daemon.status_line();
     info!("{status}");
     notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
@@ -112,6 +120,13 @@ impl Daemon {
     /// Programs `config` into the datapath. Validation and capacity checks happen before the
     /// first change, so a rejected config leaves the running state exactly as it was.
     fn apply(&mut self, config: &Config) -> Result<()> {
+        let started = Instant::now();
+        let result = self.apply_timed(config);
+        self.metrics.observe_reconcile(started.elapsed().as_secs_f64());
+        result
+    }
+
+    fn apply_timed(&mut self, config: &Config) -> Result<()> {
         let s = &config.settings;
         let params = LbParams {
             table_size: s.lb.maglev_table_size,
@@ -176,6 +191,7 @@ impl Daemon {
             Ok(new) => {
                 self.config = new;
                 self.generation += 1;
+                self.publish_metrics();
                 info!(generation = self.generation, "configuration reloaded");
                 (true, format!("generation {} applied", self.generation))
             }
@@ -185,6 +201,7 @@ impl Daemon {
                 (false, message)
             }
         };
+        self.metrics.count_reload(ok);
         self.last_reload = Some(api::ReloadResult {
             unix_time: now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             ok,
@@ -216,6 +233,47 @@ impl Daemon {
                 warn!("{key} changed: takes effect at the next restart");
             }
         }
+    }
+
+    /// Tells the metrics endpoint which counter slot belongs to which service and backend.
+    fn publish_metrics(&self) {
+        let services = self
+            .programmed
+            .services
+            .iter()
+            .map(|(key, svc)| {
+                let labels = ServiceLabels {
+                    service: svc.name.clone(),
+                    vip: key.vip.to_string(),
+                    port: key.port,
+                    protocol: key.protocol.to_string(),
+                };
+                let backends = svc
+                    .backends
+                    .iter()
+                    .map(|(addr, b)| {
+                        let labels = BackendLabels {
+                            service: labels.service.clone(),
+                            vip: labels.vip.clone(),
+                            port: labels.port,
+                            protocol: labels.protocol.clone(),
+                            backend: addr.to_string(),
+                            state: b.state.to_string(),
+                        };
+                        (b.backend_id, labels)
+                    })
+                    .collect();
+                ServiceView {
+                    service_id: svc.service_id,
+                    labels,
+                    backends,
+                }
+            })
+            .collect();
+        self.metrics.publish(Snapshot {
+            config_generation: self.generation,
+            services,
+        });
     }
 
     fn status_line(&self) -> String {
@@ -268,7 +326,7 @@ impl Daemon {
                     state: b.state.to_string(),
                     backend_id: b.backend_id,
                     maglev_slots: svc.slots.get(&b.backend_id).copied().unwrap_or(0),
-                    traffic: traffic(self.lb.backend_traffic(b.backend_id)?),
+                    traffic: traffic(self.lb.counters().backend_traffic(b.backend_id)?),
                 });
             }
             out.push(api::LbService {
@@ -284,7 +342,7 @@ impl Daemon {
                     _ => "ipip".into(),
                 },
                 maglev_table_size: svc.table.as_ref().map(|t| t.table_size).unwrap_or(0),
-                traffic: traffic(self.lb.service_traffic(svc.service_id)?),
+                traffic: traffic(self.lb.counters().service_traffic(svc.service_id)?),
                 backends,
             });
         }
@@ -294,6 +352,7 @@ impl Daemon {
     fn lb_stats(&self) -> Result<api::LbStats> {
         let reasons = self
             .lb
+            .counters()
             .reasons()?
             .into_iter()
             .zip(REASON_NAMES)
@@ -305,8 +364,8 @@ impl Daemon {
             .collect();
         Ok(api::LbStats {
             reasons,
-            flow_table_entries: self.lb.flow_count(),
-            flow_table_capacity: self.lb.flow_capacity(),
+            flow_table_entries: self.lb.counters().flow_count(),
+            flow_table_capacity: self.lb.counters().flow_capacity(),
         })
     }
 }

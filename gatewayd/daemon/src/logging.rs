@@ -17,7 +17,10 @@ pub fn init(level: &str, format: LogFormat) {
             return;
         }
     }
-    let stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let stderr = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => registry.with(stderr).init(),
         LogFormat::Json => registry.with(stderr.json()).init(),

@@ -11,6 +11,7 @@ use gatewayd_common::maps::*;
 use ipnet::IpNet;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::path::Path;
 
 /// BPF_F_INNER_MAP: lets Maglev tables of any prime size replace each other in `gd_maglev`.
 const BPF_F_INNER_MAP: u32 = 1 << 12;
@@ -21,6 +22,15 @@ pub struct LbMaps {
     backends: Array<MapData, Backend>,
     source_ranges: LpmTrie<MapData, SourceRangeData, u8>,
     settings: Array<MapData, LbSettings>,
+    service_stats: PerCpuArray<MapData, TrafficCounters>,
+    backend_stats: PerCpuArray<MapData, TrafficCounters>,
+    counters: LbCounters,
+}
+
+/// Read-only handles on the counters and the connection table, opened from their pins: the
+/// control socket and each metrics scrape read through one of these without touching the
+/// handles the reconciler writes with.
+pub struct LbCounters {
     service_stats: PerCpuArray<MapData, TrafficCounters>,
     backend_stats: PerCpuArray<MapData, TrafficCounters>,
     reasons: PerCpuArray<MapData, ReasonCounters>,
@@ -35,8 +45,16 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf
     T::try_from(map).with_context(|| format!("map {name}"))
 }
 
+fn open_pinned<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(dir: &Path, name: &str) -> Result<T> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    T::try_from(aya::maps::Map::from_map_data(data)?).with_context(|| format!("map {name}"))
+}
+
 impl LbMaps {
-    pub fn new(ebpf: &mut Ebpf, flow_capacity: u32) -> Result<Self> {
+    /// Takes the maps the reconciler writes from the loaded object; counters are opened from
+    /// the pins under `maps_dir`.
+    pub fn new(ebpf: &mut Ebpf, maps_dir: &Path) -> Result<Self> {
         Ok(LbMaps {
             services: take(ebpf, "gd_services")?,
             maglev: take(ebpf, "gd_maglev")?,
@@ -45,10 +63,12 @@ impl LbMaps {
             settings: take(ebpf, "gd_lb_settings")?,
             service_stats: take(ebpf, "gd_svc_stats")?,
             backend_stats: take(ebpf, "gd_be_stats")?,
-            reasons: take(ebpf, "gd_reasons")?,
-            flows: take(ebpf, "gd_lb_flows")?,
-            flow_capacity,
+            counters: LbCounters::open(maps_dir)?,
         })
+    }
+
+    pub fn counters(&self) -> &LbCounters {
+        &self.counters
     }
 
     pub fn apply(&mut self, ops: &[LbOp]) -> Result<()> {
@@ -154,6 +174,22 @@ impl LbMaps {
         }
         Ok(Programmed {
             services: by_id.into_values().collect(),
+        })
+    }
+}
+
+impl LbCounters {
+    pub fn open(maps_dir: &Path) -> Result<Self> {
+        let flows_pin = maps_dir.join("gd_lb_flows");
+        let flow_capacity = aya::maps::MapInfo::from_pin(&flows_pin)
+            .with_context(|| format!("opening {}", flows_pin.display()))?
+            .max_entries();
+        Ok(LbCounters {
+            service_stats: open_pinned(maps_dir, "gd_svc_stats")?,
+            backend_stats: open_pinned(maps_dir, "gd_be_stats")?,
+            reasons: open_pinned(maps_dir, "gd_reasons")?,
+            flows: open_pinned(maps_dir, "gd_lb_flows")?,
+            flow_capacity,
         })
     }
 

@@ -1,0 +1,244 @@
+//! The Prometheus endpoint (`/metrics` on `metrics.listen`).
+//!
+//! A scrape never waits for the daemon's main loop: the main loop publishes a snapshot of the
+//! labels (which id is which service and backend) after each reconcile, and the scrape reads the
+//! per-CPU counters itself, on a blocking thread, through its own handles on the pinned maps.
+
+use crate::datapath::lb_maps::LbCounters;
+use anyhow::{Context, Result};
+use gatewayd_common::maps::REASON_NAMES;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use tracing::{info, warn};
+
+/// What a scrape needs to label the counters, as of the last reconcile.
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    pub config_generation: u64,
+    pub services: Vec<ServiceView>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceView {
+    pub service_id: u32,
+    pub labels: ServiceLabels,
+    pub backends: Vec<(u32, BackendLabels)>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+    pub vip: String,
+    pub port: u16,
+    pub protocol: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub service: String,
+    pub vip: String,
+    pub port: u16,
+    pub protocol: String,
+    pub backend: String,
+    pub state: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    version: &'static str,
+}
+
+/// Metrics the daemon itself updates (they live across scrapes), plus the snapshot.
+pub struct Metrics {
+    snapshot: Mutex<Arc<Snapshot>>,
+    reconcile_seconds: Histogram,
+    reloads: Family<ResultLabels, Counter>,
+    maps_dir: PathBuf,
+    /// Opened on first scrape; one scrape at a time reads through it.
+    counters: Mutex<Option<LbCounters>>,
+}
+
+impl Metrics {
+    pub fn new(maps_dir: PathBuf) -> Arc<Self> {
+        Arc::new(Metrics {
+            snapshot: Mutex::new(Arc::default()),
+            // 100 µs .. ~3 s
+            reconcile_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            reloads: Family::default(),
+            maps_dir,
+            counters: Mutex::new(None),
+        })
+    }
+
+    pub fn publish(&self, snapshot: Snapshot) {
+        *self.snapshot.lock().expect("snapshot lock") = Arc::new(snapshot);
+    }
+
+    pub fn observe_reconcile(&self, seconds: f64) {
+        self.reconcile_seconds.observe(seconds);
+    }
+
+    pub fn count_reload(&self, ok: bool) {
+        self.reloads
+            .get_or_create(&ResultLabels {
+                result: if ok { "ok" } else { "failed" },
+            })
+            .inc();
+    }
+
+    /// Renders the exposition text. Blocking: reads the maps.
+    pub fn render(&self) -> Result<String> {
+        let snapshot = self.snapshot.lock().expect("snapshot lock").clone();
+        let mut guard = self.counters.lock().expect("counters lock");
+        if guard.is_none() {
+            *guard = Some(LbCounters::open(&self.maps_dir)?);
+        }
+        let counters = guard.as_ref().expect("opened above");
+
+        let mut registry = Registry::with_prefix("gatewayd");
+        let build = Family::<VersionLabels, Gauge>::default();
+        build
+            .get_or_create(&VersionLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("build_info", "gatewayd build", build);
+        let generation = Gauge::<i64>::default();
+        generation.set(snapshot.config_generation as i64);
+        registry.register(
+            "config_generation",
+            "Configuration generation in force",
+            generation,
+        );
+        registry.register(
+            "config_reloads",
+            "Configuration reloads by result",
+            self.reloads.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time to apply a desired state to the datapath",
+            self.reconcile_seconds.clone(),
+        );
+
+        let svc_packets = Family::<ServiceLabels, Counter>::default();
+        let svc_bytes = Family::<ServiceLabels, Counter>::default();
+        let svc_flows = Family::<ServiceLabels, Counter>::default();
+        let be_packets = Family::<BackendLabels, Counter>::default();
+        let be_bytes = Family::<BackendLabels, Counter>::default();
+        let be_flows = Family::<BackendLabels, Counter>::default();
+        for s in &snapshot.services {
+            let t = counters.service_traffic(s.service_id)?;
+            svc_packets.get_or_create(&s.labels).inc_by(t.packets);
+            svc_bytes.get_or_create(&s.labels).inc_by(t.bytes);
+            svc_flows.get_or_create(&s.labels).inc_by(t.new_flows);
+            for (backend_id, labels) in &s.backends {
+                let t = counters.backend_traffic(*backend_id)?;
+                be_packets.get_or_create(labels).inc_by(t.packets);
+                be_bytes.get_or_create(labels).inc_by(t.bytes);
+                be_flows.get_or_create(labels).inc_by(t.new_flows);
+            }
+        }
+        registry.register("lb_service_packets", "Packets balanced per VIP", svc_packets);
+        registry.register(
+            "lb_service_bytes",
+            "Bytes balanced per VIP (as received)",
+            svc_bytes,
+        );
+        registry.register("lb_service_flows", "New flows per VIP", svc_flows);
+        registry.register("lb_backend_packets", "Packets sent to each backend", be_packets);
+        registry.register(
+            "lb_backend_bytes",
+            "Bytes sent to each backend (as received)",
+            be_bytes,
+        );
+        registry.register("lb_backend_flows", "New flows assigned to each backend", be_flows);
+
+        let reason_packets = Family::<ReasonLabels, Counter>::default();
+        let reason_bytes = Family::<ReasonLabels, Counter>::default();
+        for (c, reason) in counters.reasons()?.into_iter().zip(REASON_NAMES) {
+            reason_packets
+                .get_or_create(&ReasonLabels { reason })
+                .inc_by(c.packets);
+            reason_bytes
+                .get_or_create(&ReasonLabels { reason })
+                .inc_by(c.bytes);
+        }
+        registry.register(
+            "datapath_packets",
+            "Packets the datapath passed, dropped or answered other than by forwarding, by reason",
+            reason_packets,
+        );
+        registry.register("datapath_bytes", "Bytes by datapath reason", reason_bytes);
+
+        let entries = Gauge::<i64>::default();
+        entries.set(counters.flow_count() as i64);
+        registry.register(
+            "lb_flow_table_entries",
+            "Live entries in the LB connection table",
+            entries,
+        );
+        let capacity = Gauge::<i64>::default();
+        capacity.set(i64::from(counters.flow_capacity()));
+        registry.register(
+            "lb_flow_table_capacity",
+            "Capacity of the LB connection table",
+            capacity,
+        );
+
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry)?;
+        Ok(text)
+    }
+}
+
+/// Serves `/metrics` until the runtime stops.
+pub async fn serve(listen: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
+    use axum::http::{header, StatusCode};
+    use axum::response::IntoResponse;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("metrics.listen {listen}"))?;
+    info!(%listen, "serving Prometheus metrics on /metrics");
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = metrics.clone();
+            async move {
+                match tokio::task::spawn_blocking(move || metrics.render()).await {
+                    Ok(Ok(text)) => {
+                        ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+                    }
+                    Ok(Err(e)) => {
+                        warn!("metrics scrape failed: {e:#}");
+                        (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")).into_response()
+                    }
+                    Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+                }
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            warn!("metrics server stopped: {e}");
+        }
+    });
+    Ok(())
+}
