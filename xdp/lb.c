@@ -215,7 +215,8 @@ int gatewayd_lb(struct xdp_md *ctx)
 		if (pkt.key.proto == IPPROTO_TCP && !pkt.syn)
 			gd_count_reason(GD_REASON_LRU_MISS_NON_SYN, len);
 		if (svc->flags & GD_SVC_F_AFFINITY) {
-			now = bpf_ktime_get_ns();
+			/* Same clock as bpf_ktime_get_ns() at jiffy resolution, without a clock read. */
+			now = bpf_ktime_get_coarse_ns();
 			gd_affinity_key(&ak, &pkt, svc_id);
 			be_id = gd_affinity_lookup(&ak, svc, now);
 			be = gd_backend_get(be_id, svc_id, 0);

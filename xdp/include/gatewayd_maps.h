@@ -57,6 +57,16 @@ struct gd_service {
  * gd_maglev: HASH_OF_MAPS keyed by service_id. The inner map is an ARRAY of backend ids whose
  * size is the Maglev table size (a prime). Userspace fills a fresh inner map and swaps it in
  * with one update, so a VIP never sees a half-written table.
+ *
+ * Inner map format (a BPF program cannot read an inner map's max_entries, so the table size
+ * travels in the map itself):
+ * - type ARRAY, key __u32, value __u32, max_entries = table_size + 1;
+ * - map_flags BPF_F_INNER_MAP (0x1000) on every inner map: with it the kernel accepts inner
+ *   arrays of any max_entries into the outer map (it still requires equal type, key/value
+ *   sizes and flags, hence the flag on all of them);
+ * - element 0 = table_size (the prime M), elements 1..=M = backend id of Maglev slot 0..M-1.
+ * The datapath picks slot = 1 + flow_hash % M; a missing table, M = 0 or backend id 0 mean
+ * "no backend" (GD_REASON_NO_BACKEND_DROP).
  */
 
 /* gd_backends: ARRAY indexed by backend_id. */
@@ -98,13 +108,13 @@ struct gd_affinity_key {
 };
 
 struct gd_affinity {
-	__u64 last_seen_ns; /* bpf_ktime_get_ns() */
+	__u64 last_seen_ns; /* bpf_ktime_get_ns() (written with the coarse variant: same clock) */
 	__u32 backend_id;
 	__u32 pad;
 };
 
 /*
- * gd_source_ranges: LPM_TRIE of allowed client CIDRs per service.
+ * gd_source_ranges (pinned as gd_src_ranges): LPM_TRIE of allowed client CIDRs per service.
  * prefixlen counts the bits of service_id + family + pad (64) plus the CIDR length.
  */
 struct gd_source_range_key {
@@ -132,7 +142,10 @@ struct gd_lb_settings {
 	__u32 pad;
 };
 
-/* gd_service_stats (index service_id) and gd_backend_stats (index backend_id): PERCPU_ARRAY. */
+/*
+ * gd_service_stats (index service_id) and gd_backend_stats (index backend_id): PERCPU_ARRAY,
+ * pinned as gd_svc_stats and gd_be_stats (map names are limited to 15 characters).
+ */
 struct gd_traffic_counters {
 	__u64 packets;
 	__u64 bytes;

@@ -117,7 +117,8 @@ static __always_inline int gd_l2_move(void *data, void *data_end, __u32 delta, _
 
 	if (delta > 64 || vlans > 2)
 		return -1;
-	if (old + GD_L2_MAX > data_end)
+	/* Both checks: the verifier tracks the two pointers' ranges separately. */
+	if (data + GD_L2_MAX > data_end || old + GD_L2_MAX > data_end)
 		return -1;
 	mac_a0 = *(__u32 *)(old + 0);  /* destination */
 	mac_a1 = *(__u16 *)(old + 4);
