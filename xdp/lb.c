@@ -123,11 +123,19 @@ static __always_inline int gd_verdict(__u32 reason, __u64 bytes, int action)
 	return action;
 }
 
+/* A dropped packet of a parsed flow: counted, and shown to observers with its reason. */
+static __always_inline int gd_drop(__u32 reason, __u64 bytes, const struct gd_pkt *pkt, __u32 svc_id)
+{
+	gd_count_reason(reason, bytes);
+	gd_emit_event(GD_EVENT_DROP, reason, &pkt->key, svc_id, 0, bytes);
+	return XDP_DROP;
+}
+
 /*
  * The packet is too big for the path once encapsulated: tell the client (from the VIP) what
  * size it may send, or drop it when that is impossible.
  */
-static __always_inline int gd_too_big(struct xdp_md *ctx, const struct gd_pkt *pkt,
+static __always_inline int gd_too_big(struct xdp_md *ctx, const struct gd_pkt *pkt, __u32 svc_id,
 				      __u32 path_mtu, __u32 overhead)
 {
 	__u32 mtu = path_mtu > overhead ? path_mtu - overhead : 0;
@@ -135,11 +143,11 @@ static __always_inline int gd_too_big(struct xdp_md *ctx, const struct gd_pkt *p
 	if (pkt->key.family == GD_FAMILY_INET) {
 		/* Without DF the client relies on fragmentation, which XDP cannot do. */
 		if (!pkt->df)
-			return gd_verdict(GD_REASON_TOO_BIG_DROP, pkt->len, XDP_DROP);
+			return gd_drop(GD_REASON_TOO_BIG_DROP, pkt->len, pkt, svc_id);
 		if (mtu < 68) /* RFC 791 minimum; a path this small is misconfigured anyway */
 			mtu = 68;
 		if (gd_icmp4_frag_needed(ctx, pkt, mtu))
-			return gd_verdict(GD_REASON_TOO_BIG_DROP, pkt->len, XDP_DROP);
+			return gd_drop(GD_REASON_TOO_BIG_DROP, pkt->len, pkt, svc_id);
 	} else {
 		/*
 		 * Below 1280 the client cannot comply (RFC 8200 minimum MTU) and will keep sending
@@ -147,7 +155,7 @@ static __always_inline int gd_too_big(struct xdp_md *ctx, const struct gd_pkt *p
 		 * still reported so the problem is visible in the client's captures.
 		 */
 		if (gd_icmp6_too_big(ctx, pkt, mtu))
-			return gd_verdict(GD_REASON_TOO_BIG_DROP, pkt->len, XDP_DROP);
+			return gd_drop(GD_REASON_TOO_BIG_DROP, pkt->len, pkt, svc_id);
 	}
 	return gd_verdict(GD_REASON_TOO_BIG_ICMP, pkt->len, XDP_TX);
 }
@@ -191,10 +199,10 @@ int gatewayd_lb(struct xdp_md *ctx)
 	/* Balancing a first fragment would split the datagram: its other fragments have no
 	 * ports, so they cannot follow it to the same backend. */
 	if (pkt.fragment)
-		return gd_verdict(GD_REASON_FRAGMENT_DROP, len, XDP_DROP);
+		return gd_drop(GD_REASON_FRAGMENT_DROP, len, &pkt, svc_id);
 	/* Checked on every packet, so removing a range also cuts established flows. */
 	if ((svc->flags & GD_SVC_F_SOURCE_RANGES) && !gd_source_allowed(&pkt, svc_id))
-		return gd_verdict(GD_REASON_SOURCE_RANGE_DROP, len, XDP_DROP);
+		return gd_drop(GD_REASON_SOURCE_RANGE_DROP, len, &pkt, svc_id);
 
 	hash = gd_flow_hash(&pkt.key);
 
@@ -224,19 +232,19 @@ int gatewayd_lb(struct xdp_md *ctx)
 		if (!be) {
 			be_id = gd_maglev_pick(svc_id, hash);
 			if (!be_id)
-				return gd_verdict(GD_REASON_NO_BACKEND_DROP, len, XDP_DROP);
+				return gd_drop(GD_REASON_NO_BACKEND_DROP, len, &pkt, svc_id);
 			be = gd_backend_get(be_id, svc_id, 0);
 			if (!be)
-				return gd_verdict(GD_REASON_BAD_BACKEND_DROP, len, XDP_DROP);
+				return gd_drop(GD_REASON_BAD_BACKEND_DROP, len, &pkt, svc_id);
 		}
 	}
 
 	settings = bpf_map_lookup_elem(&gd_lb_settings, &zero);
 	if (!settings)
-		return gd_verdict(GD_REASON_NO_ENCAP_SOURCE_DROP, len, XDP_DROP);
+		return gd_drop(GD_REASON_NO_ENCAP_SOURCE_DROP, len, &pkt, svc_id);
 	gd_encap_init(&e, &pkt, svc, be->family, hash);
 	if (gd_outer_source(settings, be->family, hash, e.saddr))
-		return gd_verdict(GD_REASON_NO_ENCAP_SOURCE_DROP, len, XDP_DROP);
+		return gd_drop(GD_REASON_NO_ENCAP_SOURCE_DROP, len, &pkt, svc_id);
 	e.daddr = be->addr;
 
 	if (new_flow) {
@@ -248,6 +256,7 @@ int gatewayd_lb(struct xdp_md *ctx)
 
 			bpf_map_update_elem(&gd_lb_affinity, &ak, &a, BPF_ANY);
 		}
+		gd_emit_event(GD_EVENT_LB_NEW_FLOW, 0, &pkt.key, svc_id, be_id, len);
 	}
 	gd_count_traffic(&gd_svc_stats, svc_id, len, new_flow);
 	gd_count_traffic(&gd_be_stats, be_id, len, new_flow);
@@ -259,7 +268,7 @@ int gatewayd_lb(struct xdp_md *ctx)
 	 */
 	rc = gd_route(ctx, &pkt, &e, settings, be_id, fib_cache_ms, &fib);
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
-		return gd_too_big(ctx, &pkt, fib.mtu_result, e.overhead);
+		return gd_too_big(ctx, &pkt, svc_id, fib.mtu_result, e.overhead);
 
 	/*
 	 * Tagged frames are encapsulated but handed to the stack whatever the route: the way out
@@ -267,9 +276,9 @@ int gatewayd_lb(struct xdp_md *ctx)
 	 * way out is the stack's business.
 	 */
 	if (!pkt.vlans && rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
-		return gd_verdict(GD_REASON_FIB_DROP, len, XDP_DROP);
+		return gd_drop(GD_REASON_FIB_DROP, len, &pkt, svc_id);
 	if (gd_encap(ctx, &pkt, &e))
-		return gd_verdict(GD_REASON_ENCAP_FAILED_DROP, len, XDP_DROP);
+		return gd_drop(GD_REASON_ENCAP_FAILED_DROP, len, &pkt, svc_id);
 	if (pkt.vlans)
 		return gd_verdict(GD_REASON_VLAN_PASS, len, XDP_PASS);
 	/* The stack forwards this one and resolves the neighbour for the next packets. */
@@ -280,7 +289,7 @@ int gatewayd_lb(struct xdp_md *ctx)
 	data_end = (void *)(long)ctx->data_end;
 	eth = data;
 	if ((void *)(eth + 1) > data_end)
-		return gd_verdict(GD_REASON_ENCAP_FAILED_DROP, len, XDP_DROP);
+		return gd_drop(GD_REASON_ENCAP_FAILED_DROP, len, &pkt, svc_id);
 	__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
 	if (fib.ifindex == ctx->ingress_ifindex)

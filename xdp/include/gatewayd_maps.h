@@ -179,4 +179,30 @@ struct gd_reason_counters {
 	__u64 bytes;
 };
 
+/*
+ * gd_events: RINGBUF of flow events for `gatewayctl observe`. Programs write events only while
+ * gd_observe[0].enabled is set (an observer is connected), and only on new flows and drops:
+ * with nobody listening the cost is one array lookup on those paths and nothing on established
+ * flows. A full ring drops events, never packets.
+ */
+#define GD_EVENT_LB_NEW_FLOW 1 /* a flow was assigned a backend */
+#define GD_EVENT_DROP 2	       /* a packet was dropped; reason says why */
+
+struct gd_flow_event {
+	__u64 ts_ns; /* bpf_ktime_get_ns() */
+	struct gd_flow_key key;
+	__u32 service_id;
+	__u32 backend_id;
+	__u32 bytes;
+	__u16 reason; /* GD_REASON_* */
+	__u8 kind;    /* GD_EVENT_* */
+	__u8 pad;
+};
+
+/* gd_observe: ARRAY with one entry, written by userspace. */
+struct gd_observe {
+	__u32 enabled;
+	__u32 pad;
+};
+
 #endif /* GATEWAYD_MAPS_H */

@@ -11,6 +11,8 @@ pub enum Request {
     Status,
     LbList,
     LbStats,
+    /// Switches the connection to a stream of [`FlowEvent`] lines until the client hangs up.
+    Observe,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -101,4 +103,25 @@ pub struct ReasonCount {
     pub reason: String,
     pub packets: u64,
     pub bytes: u64,
+}
+
+/// One datapath event, as `gatewayctl observe` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// Wall-clock time, nanoseconds since the Unix epoch.
+    pub time_ns: u64,
+    /// `new-flow` or `dropped`.
+    pub event: String,
+    /// `forwarded` or `dropped`.
+    pub verdict: String,
+    /// Why it was dropped (a `gatewayctl lb stats` reason); empty for forwarded flows.
+    pub reason: String,
+    pub protocol: String,
+    pub source: String,
+    pub source_port: u16,
+    pub destination: String,
+    pub destination_port: u16,
+    pub service: String,
+    pub backend: String,
+    pub bytes: u32,
 }

@@ -22,4 +22,6 @@ mod pod {
     unsafe impl aya::Pod for LbSettings {}
     unsafe impl aya::Pod for TrafficCounters {}
     unsafe impl aya::Pod for ReasonCounters {}
+    unsafe impl aya::Pod for FlowEvent {}
+    unsafe impl aya::Pod for Observe {}
 }

@@ -177,6 +177,30 @@ pub struct ReasonCounters {
     pub bytes: u64,
 }
 
+pub const EVENT_LB_NEW_FLOW: u8 = 1;
+pub const EVENT_DROP: u8 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns).
+    pub ts_ns: u64,
+    pub key: FlowKey,
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub bytes: u32,
+    pub reason: u16,
+    pub kind: u8,
+    pub pad: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Observe {
+    pub enabled: u32,
+    pub pad: u32,
+}
+
 const _: () = {
     use std::mem::size_of;
     assert!(size_of::<VipKey>() == 20);
@@ -190,6 +214,8 @@ const _: () = {
     assert!(size_of::<LbSettings>() == 48);
     assert!(size_of::<TrafficCounters>() == 24);
     assert!(size_of::<ReasonCounters>() == 16);
+    assert!(size_of::<FlowEvent>() == 64);
+    assert!(size_of::<Observe>() == 8);
 };
 
 /// Every mirrored struct with its C name, size and field offsets, for the BTF drift test.
@@ -231,6 +257,12 @@ pub fn layouts() -> Vec<StructLayout> {
             [packets, bytes, new_flows]
         ),
         layout!("gd_reason_counters", ReasonCounters, [packets, bytes]),
+        layout!(
+            "gd_flow_event",
+            FlowEvent,
+            [ts_ns, key, service_id, backend_id, bytes, reason, kind, pad]
+        ),
+        layout!("gd_observe", Observe, [enabled, pad]),
     ]
 }
 

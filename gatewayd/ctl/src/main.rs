@@ -42,8 +42,76 @@ enum Command {
         #[command(subcommand)]
         command: LbCommand,
     },
+    /// Stream datapath events (new flows, drops with their reason) as they happen.
+    Observe(ObserveArgs),
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(clap::Args)]
+struct ObserveArgs {
+    /// Only events with this verdict.
+    #[arg(long, value_enum)]
+    verdict: Option<Verdict>,
+    /// Only flows to this VIP.
+    #[arg(long)]
+    vip: Option<std::net::IpAddr>,
+    /// Only flows sent to this backend.
+    #[arg(long)]
+    backend: Option<std::net::IpAddr>,
+    /// Only flows from this client CIDR.
+    #[arg(long)]
+    source: Option<ipnet::IpNet>,
+    /// Only flows to this destination CIDR.
+    #[arg(long)]
+    destination: Option<ipnet::IpNet>,
+    #[arg(long, value_enum)]
+    protocol: Option<Protocol>,
+    /// Only drops for this reason (see `gatewayctl lb stats`).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Exit after this many matching events.
+    #[arg(long)]
+    count: Option<u64>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Verdict {
+    Forwarded,
+    Dropped,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl ObserveArgs {
+    fn matches(&self, e: &api::FlowEvent) -> bool {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().ok();
+        let verdict = match self.verdict {
+            Some(Verdict::Forwarded) => "forwarded",
+            Some(Verdict::Dropped) => "dropped",
+            None => "",
+        };
+        let protocol = match self.protocol {
+            Some(Protocol::Tcp) => "tcp",
+            Some(Protocol::Udp) => "udp",
+            None => "",
+        };
+        (verdict.is_empty() || e.verdict == verdict)
+            && (protocol.is_empty() || e.protocol == protocol)
+            && self.vip.is_none_or(|v| ip(&e.destination) == Some(v))
+            && self.backend.is_none_or(|b| ip(&e.backend) == Some(b))
+            && self
+                .source
+                .is_none_or(|n| ip(&e.source).is_some_and(|a| n.contains(&a)))
+            && self
+                .destination
+                .is_none_or(|n| ip(&e.destination).is_some_and(|a| n.contains(&a)))
+            && self.reason.as_ref().is_none_or(|r| &e.reason == r)
+    }
 }
 
 #[derive(Subcommand)]
@@ -63,6 +131,7 @@ enum Failure {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let request = match &cli.command {
+        Command::Observe(args) => return observe(&cli.socket, args, cli.output),
         Command::Status => Request::Status,
         Command::Lb {
             command: LbCommand::List,
@@ -128,6 +197,82 @@ fn ask(socket: &PathBuf, request: &Request) -> Result<Response, Failure> {
         Response::Error(message) => Err(Failure::Daemon(message)),
         response => Ok(response),
     }
+}
+
+/// Streams events until interrupted, or until `--count` matched.
+fn observe(socket: &PathBuf, args: &ObserveArgs, output: Output) -> ExitCode {
+    let run = || -> Result<()> {
+        let mut stream = UnixStream::connect(socket).with_context(|| {
+            format!(
+                "cannot connect to {} (is gatewayd running? are you root?)",
+                socket.display()
+            )
+        })?;
+        let mut line = serde_json::to_vec(&Request::Observe)?;
+        line.push(b'\n');
+        stream.write_all(&line)?;
+        let mut seen = 0;
+        for line in BufReader::new(stream).lines() {
+            let line = line?;
+            let Ok(event) = serde_json::from_str::<api::FlowEvent>(&line) else {
+                eprintln!("gatewayctl: {line}");
+                continue;
+            };
+            if !args.matches(&event) {
+                continue;
+            }
+            match output {
+                Output::Json => println!("{}", serde_json::to_string(&event)?),
+                Output::Text => println!("{}", event_line(&event)),
+            }
+            seen += 1;
+            if args.count.is_some_and(|n| seen >= n) {
+                return Ok(());
+            }
+        }
+        Err(anyhow!("the daemon closed the stream"))
+    };
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gatewayctl: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `01:02:03.456  dropped    tcp  10.0.0.3:4000 -> 10.0.0.100:80  web  source_range_drop`
+fn event_line(e: &api::FlowEvent) -> String {
+    let ms = e.time_ns / 1_000_000;
+    let day = (ms / 1000) % 86400;
+    let time = format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        day / 3600,
+        (day / 60) % 60,
+        day % 60,
+        ms % 1000
+    );
+    let endpoint = |ip: &str, port: u16| {
+        if ip.contains(':') {
+            format!("[{ip}]:{port}")
+        } else {
+            format!("{ip}:{port}")
+        }
+    };
+    let what = if e.verdict == "dropped" {
+        e.reason.clone()
+    } else {
+        format!("-> backend {}", e.backend)
+    };
+    format!(
+        "{time}  {:<9}  {:<3}  {} -> {}  {}  {}",
+        e.verdict,
+        e.protocol,
+        endpoint(&e.source, e.source_port),
+        endpoint(&e.destination, e.destination_port),
+        if e.service.is_empty() { "-" } else { &e.service },
+        what
+    )
 }
 
 fn print_text(response: &Response) {

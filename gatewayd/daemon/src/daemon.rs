@@ -5,6 +5,7 @@ use crate::config::{self, Config, SystemHost};
 use crate::control;
 use crate::datapath::lb_maps::{self, LbMaps};
 use crate::datapath::{Capacities, Datapath};
+use crate::events::EventHub;
 use crate::lb::reconcile::{LbParams, Programmed};
 use crate::metrics::{self, BackendLabels, Metrics, ServiceLabels, ServiceView, Snapshot};
 use anyhow::{Context, Result};
@@ -67,9 +68,10 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
         );
     }
     let (queries_tx, mut queries) = tokio::sync::mpsc::channel::<control::Query>(16);
-    let _socket = control::serve(&s.control_socket, queries_tx)?;
-    let metrics = Metrics::new(maps_dir);
+    let metrics = Metrics::new(maps_dir.clone());
     metrics::serve(s.metrics_listen, metrics.clone()).await?;
+    let events = EventHub::start(&maps_dir, metrics.clone())?;
+    let _socket = control::serve(&s.control_socket, queries_tx, events)?;
 
     let mut daemon = Daemon {
         config_path,
@@ -263,11 +265,7 @@ impl Daemon {
                         (b.backend_id, labels)
                     })
                     .collect();
-                ServiceView {
-                    service_id: svc.service_id,
-                    labels,
-                    backends,
-                }
+                (svc.service_id, ServiceView { labels, backends })
             })
             .collect();
         self.metrics.publish(Snapshot {
@@ -290,6 +288,7 @@ impl Daemon {
             Request::Status => self.status().map(Response::Status),
             Request::LbList => self.lb_list().map(Response::LbList),
             Request::LbStats => self.lb_stats().map(Response::LbStats),
+            Request::Observe => unreachable!("the control socket streams events itself"),
         };
         result.unwrap_or_else(|e| Response::Error(format!("{e:#}")))
     }

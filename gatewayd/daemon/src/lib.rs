@@ -4,12 +4,13 @@
 //! - [`model`]: the desired state every source feeds (TOML today, Kubernetes later).
 //! - [`lb`]: Maglev and the reconcile planner (pure).
 //! - [`datapath`]: the eBPF objects, their pins, and the maps the planner's operations write.
-//! - [`daemon`], [`control`], [`metrics`], [`logging`]: the long-running process.
+//! - [`daemon`], [`control`], [`events`], [`metrics`], [`logging`]: the long-running process.
 
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod events;
 pub mod lb;
 pub mod logging;
 pub mod metrics;

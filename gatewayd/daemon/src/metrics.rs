@@ -13,6 +13,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -22,14 +23,15 @@ use tracing::{info, warn};
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
     pub config_generation: u64,
-    pub services: Vec<ServiceView>,
+    /// By service id.
+    pub services: BTreeMap<u32, ServiceView>,
 }
 
 #[derive(Debug, Clone)]
 pub struct ServiceView {
-    pub service_id: u32,
     pub labels: ServiceLabels,
-    pub backends: Vec<(u32, BackendLabels)>,
+    /// By backend id.
+    pub backends: BTreeMap<u32, BackendLabels>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -91,6 +93,10 @@ impl Metrics {
         *self.snapshot.lock().expect("snapshot lock") = Arc::new(snapshot);
     }
 
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.lock().expect("snapshot lock").clone()
+    }
+
     pub fn observe_reconcile(&self, seconds: f64) {
         self.reconcile_seconds.observe(seconds);
     }
@@ -105,7 +111,7 @@ impl Metrics {
 
     /// Renders the exposition text. Blocking: reads the maps.
     pub fn render(&self) -> Result<String> {
-        let snapshot = self.snapshot.lock().expect("snapshot lock").clone();
+        let snapshot = self.snapshot();
         let mut guard = self.counters.lock().expect("counters lock");
         if guard.is_none() {
             *guard = Some(LbCounters::open(&self.maps_dir)?);
@@ -144,8 +150,8 @@ impl Metrics {
         let be_packets = Family::<BackendLabels, Counter>::default();
         let be_bytes = Family::<BackendLabels, Counter>::default();
         let be_flows = Family::<BackendLabels, Counter>::default();
-        for s in &snapshot.services {
-            let t = counters.service_traffic(s.service_id)?;
+        for (service_id, s) in &snapshot.services {
+            let t = counters.service_traffic(*service_id)?;
             svc_packets.get_or_create(&s.labels).inc_by(t.packets);
             svc_bytes.get_or_create(&s.labels).inc_by(t.bytes);
             svc_flows.get_or_create(&s.labels).inc_by(t.new_flows);

@@ -29,4 +29,50 @@ static __always_inline void gd_count_reason(__u32 reason, __u64 bytes)
 	}
 }
 
+/* Shared by every program that reports flows; see gd_flow_event in gatewayd_maps.h. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20); /* bytes: 16384 events of 64 bytes */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} gd_events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct gd_observe);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} gd_observe SEC(".maps");
+
+/*
+ * Only map key/value types reach an object's BTF, not the types of locals: this read-only
+ * global puts the event layout there too, so the Rust mirror is checked against it.
+ */
+const volatile struct gd_flow_event gd_flow_event_layout __attribute__((used));
+
+/* Reports a flow event if someone is observing. */
+static __always_inline void gd_emit_event(__u8 kind, __u16 reason, const struct gd_flow_key *key,
+					  __u32 service_id, __u32 backend_id, __u64 bytes)
+{
+	const struct gd_observe *o;
+	struct gd_flow_event *ev;
+	__u32 zero = 0;
+
+	o = bpf_map_lookup_elem(&gd_observe, &zero);
+	if (!o || !o->enabled)
+		return;
+	ev = bpf_ringbuf_reserve(&gd_events, sizeof(*ev), 0);
+	if (!ev)
+		return;
+	ev->ts_ns = bpf_ktime_get_ns();
+	__builtin_memcpy(&ev->key, key, sizeof(ev->key));
+	ev->service_id = service_id;
+	ev->backend_id = backend_id;
+	ev->bytes = bytes;
+	ev->reason = reason;
+	ev->kind = kind;
+	ev->pad = 0;
+	bpf_ringbuf_submit(ev, 0);
+}
+
 #endif /* GD_LIB_MAPS_H */
