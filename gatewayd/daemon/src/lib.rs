@@ -3,6 +3,7 @@
 //! - [`config`]: the TOML file, validated into [`config::Settings`] and the [`model`].
 //! - [`model`]: the desired state every source feeds (TOML today, Kubernetes later).
 //! - [`lb`]: Maglev and the reconcile planner (pure).
+//! - [`egress`]: egress policies compiled into the datapath's lookup tries (pure).
 //! - [`datapath`]: the eBPF objects, their pins, and the maps the planner's operations write.
 //! - [`daemon`], [`control`], [`events`], [`metrics`], [`logging`]: the long-running process.
 
@@ -10,6 +11,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod egress;
 pub mod events;
 pub mod lb;
 pub mod logging;
