@@ -242,7 +242,9 @@ impl Daemon {
                 Err(e)
                     if matches!(
                         e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
                     ) =>
                 {
                     if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
@@ -330,4 +332,539 @@ pub fn map_dump(pin: &Path) -> Result<Vec<serde_json::Value>> {
         &["-j", "map", "dump", "pinned", &pin.display().to_string()],
     )?;
     Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sockets inside namespaces, a LAN bridge, backend servers, captures: the pieces of the
+// load-balancer end-to-end tests (tests/lb_dsr.rs).
+// ---------------------------------------------------------------------------------------------
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+impl Netns {
+    /// Runs `f` on a new thread that has joined this namespace (network only). Sockets created
+    /// there stay in the namespace for their whole life, whichever thread uses them later.
+    pub fn enter_thread<T, F>(&self, f: F) -> JoinHandle<Result<T>>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Result<T> + Send + 'static,
+    {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            enter_netns(&path)?;
+            f()
+        })
+    }
+
+    /// [`Netns::enter_thread`] and wait for its result.
+    pub fn run_in<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Result<T> + Send + 'static,
+    {
+        self.enter_thread(f)
+            .join()
+            .map_err(|_| anyhow!("thread in namespace {} panicked", self.name))?
+    }
+
+    /// A TCP connection made from inside the namespace.
+    pub fn tcp_connect(&self, to: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+        self.run_in(move || {
+            TcpStream::connect_timeout(&to, timeout).with_context(|| format!("connecting to {to}"))
+        })
+    }
+
+    /// A UDP socket of the namespace, connected to `to` (so only `to` can answer it).
+    pub fn udp_connect(&self, to: SocketAddr) -> Result<UdpSocket> {
+        self.run_in(move || {
+            let any: SocketAddr = if to.is_ipv4() {
+                "0.0.0.0:0".parse()?
+            } else {
+                "[::]:0".parse()?
+            };
+            let sock = UdpSocket::bind(any)?;
+            sock.connect(to)?;
+            Ok(sock)
+        })
+    }
+
+    /// The MAC address of an interface of the namespace.
+    pub fn mac(&self, ifname: &str) -> Result<String> {
+        let out = stdout(&self.exec(&["ip", "-j", "link", "show", "dev", ifname])?);
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        v[0]["address"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow!("no MAC address for {ifname} in {}", self.name))
+    }
+}
+
+fn enter_netns(path: &str) -> Result<()> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {path}"))?;
+    // SAFETY: setns on a valid fd; it only changes the calling thread's network namespace.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns({path}): {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A layer-2 segment: a namespace holding bridge `br0`, to which hosts are attached by veth
+/// pairs. Ports are named `p<host interface>-<n>` on the bridge side.
+pub struct Lan {
+    /// XDP links on bridge ports (dropped, hence detached, before the namespace goes).
+    xdp_links: Vec<OwnedFd>,
+    pub ns: Netns,
+    ports: u32,
+}
+
+impl Lan {
+    pub fn new(prefix: &str) -> Result<Self> {
+        let ns = Netns::new(prefix)?;
+        ns.exec(&["ip", "link", "add", "br0", "type", "bridge"])?;
+        ns.exec(&["ip", "link", "set", "br0", "up"])?;
+        Ok(Lan {
+            xdp_links: Vec::new(),
+            ns,
+            ports: 0,
+        })
+    }
+
+    /// Plugs `host` into the bridge: its interface `ifname` gets `addrs` (CIDRs). Returns the
+    /// name of the bridge port (in [`Lan::ns`]).
+    pub fn attach(&mut self, host: &Netns, ifname: &str, addrs: &[&str]) -> Result<String> {
+        self.ports += 1;
+        let port = format!("port{}", self.ports);
+        veth(host, ifname, addrs, &self.ns, &port, &[])?;
+        self.ns.exec(&["ip", "link", "set", &port, "master", "br0"])?;
+        Ok(port)
+    }
+
+    /// Lets `port` receive the frames its peer sends with XDP_TX/XDP_REDIRECT. A veth only
+    /// takes XDP frames from its peer when it runs NAPI itself, i.e. when it has an XDP program
+    /// (on this kernel, enabling GRO is not enough): attach one that passes everything.
+    pub fn accept_xdp_frames(&mut self, port: &str) -> Result<()> {
+        let port = port.to_owned();
+        let link = self.ns.run_in(move || xdp_pass_link(&port))?;
+        self.xdp_links.push(link);
+        Ok(())
+    }
+}
+
+/// Loads `r0 = XDP_PASS; exit` and attaches it (driver mode, bpf_link) to `ifname` of the
+/// calling thread's namespace; detached when the returned fd is closed.
+fn xdp_pass_link(ifname: &str) -> Result<OwnedFd> {
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_PROG_TYPE_XDP: u32 = 6;
+    const BPF_XDP: u32 = 37;
+    const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+    const XDP_PASS: u64 = 2;
+    // struct bpf_insn: code, dst_reg:4|src_reg:4, off (i16), imm (i32), little-endian.
+    let insns: [u64; 2] = [
+        0xb7 | (XDP_PASS << 32), // BPF_ALU64 | BPF_MOV | BPF_K: r0 = imm
+        0x95,                    // BPF_JMP | BPF_EXIT
+    ];
+    let license = b"GPL\0";
+    let bpf = |cmd: libc::c_long, attr: &mut [u8; 128]| -> std::io::Result<OwnedFd> {
+        // SAFETY: attr is a zero-padded union bpf_attr of the size passed.
+        let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the kernel returned a new fd that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    };
+
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&BPF_PROG_TYPE_XDP.to_ne_bytes());
+    attr[4..8].copy_from_slice(&(insns.len() as u32).to_ne_bytes());
+    attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    attr[48..56].copy_from_slice(b"gdt_pass");
+    attr[68..72].copy_from_slice(&BPF_XDP.to_ne_bytes()); // expected_attach_type
+    let prog = bpf(BPF_PROG_LOAD, &mut attr).context("loading an XDP_PASS program")?;
+
+    let name = std::ffi::CString::new(ifname)?;
+    // SAFETY: a valid NUL-terminated string.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if ifindex == 0 {
+        bail!("no interface {ifname}");
+    }
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
+    attr[4..8].copy_from_slice(&ifindex.to_ne_bytes());
+    attr[8..12].copy_from_slice(&BPF_XDP.to_ne_bytes());
+    attr[12..16].copy_from_slice(&XDP_FLAGS_DRV_MODE.to_ne_bytes());
+    bpf(BPF_LINK_CREATE, &mut attr).with_context(|| format!("attaching XDP_PASS to {ifname}"))
+}
+
+/// `gatewayd decap attach` on a backend host, with its own bpffs directory; detached and
+/// removed on drop.
+pub struct Decap {
+    pub bpffs: PathBuf,
+}
+
+impl Decap {
+    /// Attaches to `ifname` of `ns`; with `gue_port`, GUE on that UDP port is stripped too.
+    pub fn attach(ns: &Netns, ifname: &str, gue_port: Option<u16>) -> Result<Self> {
+        let bpffs = PathBuf::from("/sys/fs/bpf").join(unique("gdd"));
+        let decap = Decap { bpffs };
+        // nsenter --net only: `ip netns exec` would also give the command a mount namespace of
+        // its own, with a fresh /sys, and the pins would vanish with it (detaching the program).
+        let mut cmd = ns.command(&binary("gatewayd"));
+        cmd.args(["decap", "attach", "--interface", ifname, "--bpffs"])
+            .arg(&decap.bpffs);
+        if let Some(port) = gue_port {
+            cmd.args(["--gue-port", &port.to_string()]);
+        }
+        let out = cmd.output()?;
+        if !out.status.success() {
+            bail!(
+                "gatewayd decap attach in {} failed: {}",
+                ns.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(decap)
+    }
+
+    /// Packets this host decapsulated so far (the `decap` reason counter).
+    pub fn decapsulated(&self) -> Result<u64> {
+        /// GD_REASON_DECAP in xdp/include/gatewayd_maps.h.
+        const GD_REASON_DECAP: u32 = 14;
+        reason_packets(&self.bpffs.join("maps/gd_reasons"), GD_REASON_DECAP)
+    }
+}
+
+impl Drop for Decap {
+    fn drop(&mut self) {
+        let _ = Command::new(binary("gatewayd"))
+            .args(["decap", "detach", "--bpffs"])
+            .arg(&self.bpffs)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.bpffs);
+    }
+}
+
+/// Sum over CPUs of the packets of one entry of a pinned per-CPU reason-counter map
+/// (`struct gd_reason_counters`: packets first).
+pub fn reason_packets(pin: &Path, reason: u32) -> Result<u64> {
+    let entries = map_dump(pin)?;
+    // bpftool -j prints raw bytes, plus a "formatted" copy when the map has BTF.
+    // Little-endian integer of the first `len` (<= 8) raw bytes.
+    let raw = |v: &serde_json::Value, len: usize| -> Option<u64> {
+        let bytes = v.as_array()?.get(..len)?;
+        let mut le = [0u8; 8];
+        for (i, b) in bytes.iter().enumerate() {
+            le[i] = u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok()?;
+        }
+        Some(u64::from_le_bytes(le))
+    };
+    let entry = entries
+        .iter()
+        .find(|e| {
+            e["formatted"]["key"].as_u64() == Some(reason.into()) || raw(&e["key"], 4) == Some(reason.into())
+        })
+        .ok_or_else(|| anyhow!("no entry {reason} in {}", pin.display()))?;
+    Ok(entry["values"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|cpu| raw(&cpu["value"], 8))
+        .sum())
+}
+
+/// A backend's service, as threads inside the backend's namespace. TCP: every line received
+/// is answered with `<name> <line>`; UDP: every datagram with `<name> <datagram>`. Stopped on
+/// drop.
+pub struct BackendServer {
+    pub name: String,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<Result<()>>>,
+}
+
+impl BackendServer {
+    /// Listens on every address of `tcp` and `udp` (normally the VIPs bound on the loopback).
+    pub fn start(ns: &Netns, name: &str, tcp: &[SocketAddr], udp: &[SocketAddr]) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+        for &addr in tcp {
+            let (name, stop, ready) = (name.to_owned(), stop.clone(), ready_tx.clone());
+            threads.push(ns.enter_thread(move || {
+                let listener = match TcpListener::bind(addr) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = ready.send(Err(anyhow!("{name}: binding tcp {addr}: {e}")));
+                        return Ok(());
+                    }
+                };
+                let _ = ready.send(Ok(()));
+                serve_tcp(listener, name, stop)
+            }));
+        }
+        for &addr in udp {
+            let (name, stop, ready) = (name.to_owned(), stop.clone(), ready_tx.clone());
+            threads.push(ns.enter_thread(move || {
+                let sock = match UdpSocket::bind(addr) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = ready.send(Err(anyhow!("{name}: binding udp {addr}: {e}")));
+                        return Ok(());
+                    }
+                };
+                let _ = ready.send(Ok(()));
+                serve_udp(sock, name, stop)
+            }));
+        }
+        let server = BackendServer {
+            name: name.to_owned(),
+            stop,
+            threads,
+        };
+        for _ in 0..tcp.len() + udp.len() {
+            ready_rx
+                .recv_timeout(Duration::from_secs(10))
+                .map_err(|_| anyhow!("backend {name} did not start"))??;
+        }
+        Ok(server)
+    }
+}
+
+impl Drop for BackendServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Waits up to `ms` for `fd` to be readable (false on timeout).
+fn readable(fd: i32, ms: i32) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
+}
+
+fn serve_tcp(listener: TcpListener, name: String, stop: Arc<AtomicBool>) -> Result<()> {
+    let mut conns = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        if !readable(listener.as_raw_fd(), 100) {
+            continue;
+        }
+        let Ok((stream, _)) = listener.accept() else {
+            continue;
+        };
+        let (name, stop) = (name.clone(), stop.clone());
+        conns.push(std::thread::spawn(move || serve_conn(stream, &name, &stop)));
+        conns.retain(|c| !c.is_finished());
+    }
+    for c in conns {
+        let _ = c.join();
+    }
+    Ok(())
+}
+
+fn serve_conn(stream: TcpStream, name: &str, stop: &AtomicBool) {
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        match reader.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) if line.ends_with('\n') => {
+                if writer.write_all(format!("{name} {}", line).as_bytes()).is_err() {
+                    return;
+                }
+                line.clear();
+            }
+            Ok(_) => {}
+            // A timeout keeps what was read so far in `line`: go on and check `stop`.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+fn serve_udp(sock: UdpSocket, name: String, stop: Arc<AtomicBool>) -> Result<()> {
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::Relaxed) {
+        if !readable(sock.as_raw_fd(), 100) {
+            continue;
+        }
+        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let mut reply = format!("{name} ").into_bytes();
+            reply.extend_from_slice(&buf[..n]);
+            let _ = sock.send_to(&reply, from);
+        }
+    }
+    Ok(())
+}
+
+/// Sends one line on a connection to a [`BackendServer`] and returns the name of the backend
+/// that answered (the echo is checked).
+pub fn tcp_exchange(stream: &mut TcpStream, message: &str, timeout: Duration) -> Result<String> {
+    stream.set_read_timeout(Some(timeout))?;
+    stream
+        .write_all(format!("{message}\n").as_bytes())
+        .context("sending a request")?;
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    while !answer.ends_with(b"\n") {
+        match stream.read(&mut byte) {
+            Ok(0) => bail!("connection closed after {:?}", String::from_utf8_lossy(&answer)),
+            Ok(_) => answer.push(byte[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).context("waiting for the backend's answer"),
+        }
+    }
+    let answer = String::from_utf8(answer)?;
+    match answer.trim_end().split_once(' ') {
+        Some((name, echo)) if echo == message => Ok(name.to_owned()),
+        _ => bail!("unexpected answer {answer:?} to {message:?}"),
+    }
+}
+
+/// One UDP request on a connected socket, retried `tries` times (each waiting `timeout`);
+/// returns the name of the backend that answered.
+pub fn udp_exchange(sock: &UdpSocket, message: &str, timeout: Duration, tries: u32) -> Result<String> {
+    sock.set_read_timeout(Some(timeout))?;
+    let mut buf = [0u8; 2048];
+    for _ in 0..tries {
+        sock.send(message.as_bytes()).context("sending a datagram")?;
+        match sock.recv(&mut buf) {
+            Ok(n) => {
+                let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+                return match answer.split_once(' ') {
+                    Some((name, echo)) if echo == message => Ok(name.to_owned()),
+                    _ => bail!("unexpected answer {answer:?} to {message:?}"),
+                };
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e).context("waiting for the answer"),
+        }
+    }
+    bail!("no answer to {message:?} after {tries} tries")
+}
+
+/// A tcpdump capture to a pcap file, running inside a namespace until [`Capture::stop`] (or
+/// drop).
+pub struct Capture {
+    child: Option<Child>,
+    pub file: PathBuf,
+}
+
+impl Capture {
+    /// Starts capturing on `ifname` of `ns`; returns once tcpdump is listening.
+    pub fn start(ns: &Netns, ifname: &str, filter: &str, file: PathBuf) -> Result<Self> {
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", ns.name))
+            // Immediate mode: packets are written as they come, not a ring block at a time.
+            .args(["tcpdump", "-i", ifname, "-nn", "-U", "--immediate-mode", "-w"])
+            .arg(&file)
+            .arg(filter)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning tcpdump (apt-get install tcpdump)")?;
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut said = String::new();
+            for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+                said.push_str(&line);
+                said.push('\n');
+                if line.contains("listening on") {
+                    let _ = tx.send(Ok(()));
+                }
+            }
+            let _ = tx.send(Err(said));
+        });
+        let capture = Capture {
+            child: Some(child),
+            file,
+        };
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(Ok(())) => Ok(capture),
+            Ok(Err(said)) => bail!("tcpdump on {ifname} in {} failed: {said}", ns.name),
+            Err(_) => bail!("tcpdump on {ifname} in {} did not start", ns.name),
+        }
+    }
+
+    /// Waits until a packet matching `filter` is in the file, calling `poke` (which should send
+    /// one) every 100 ms. Packets are written in order, so once a marker sent after some
+    /// traffic is there, all of that traffic is too.
+    pub fn sync(&self, filter: &str, mut poke: impl FnMut() -> Result<()>) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            poke()?;
+            std::thread::sleep(Duration::from_millis(100));
+            // The last record may be half-written: ignore tcpdump's complaint, keep its output.
+            let out = Command::new("tcpdump")
+                .args(["-r"])
+                .arg(&self.file)
+                .args(["-nn", filter])
+                .stderr(Stdio::null())
+                .output()?;
+            if !out.stdout.is_empty() {
+                return Ok(());
+            }
+        }
+        bail!("no packet matching {filter:?} reached {}", self.file.display())
+    }
+
+    /// Stops the capture (SIGINT, so the file is complete) and returns the pcap file.
+    pub fn stop(mut self) -> Result<PathBuf> {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            child.wait()?;
+        }
+        Ok(self.file.clone())
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The packets of a pcap file that match `filter`, one line each as `tcpdump -e -nn` prints
+/// them (the link-level header first: `<time> <src MAC> > <dst MAC>, ...`).
+pub fn pcap_read(file: &Path, filter: &str) -> Result<Vec<String>> {
+    let out = run(
+        "tcpdump",
+        &["-r", &file.display().to_string(), "-e", "-nn", filter],
+    )?;
+    Ok(stdout(&out).lines().map(str::to_owned).collect())
 }
