@@ -89,10 +89,6 @@ for i in 1 2 3; do plug "b$i" "10.77.0.1$i" "fd00:77::1$i"; done
 
 say "gateway: forwarding on; gatewayd with config/demo.toml"
 in_ns gw sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1
-# Until a backend's MAC is known, the XDP program encapsulates and hands the packet to the
-# stack, which forwards it and resolves the neighbour. Its source is the gateway's own address,
-# which IPv4 drops as a martian unless accept_local is set.
-in_ns gw sysctl -qw net.ipv4.conf.all.accept_local=1 net.ipv4.conf.eth0.accept_local=1
 in_ns gw sysctl -qw net.ipv4.conf.all.send_redirects=0 net.ipv4.conf.eth0.send_redirects=0
 # A veth only receives XDP_TX frames from its peer if it runs XDP (NAPI) itself: give the
 # bridge port facing the gateway a program that passes everything. Real NICs need nothing.

@@ -81,13 +81,9 @@ impl Lab {
         for (key, value) in [
             ("net.ipv4.ip_forward", "1"),
             ("net.ipv6.conf.all.forwarding", "1"),
-            // Toward a backend whose MAC is not known yet, the XDP program encapsulates and
-            // passes the packet to the stack, which forwards it and resolves the neighbour.
-            // That packet's source is the gateway's own address: IPv4 drops it as a martian
-            // unless accept_local is set.
-            ("net.ipv4.conf.all.accept_local", "1"),
-            ("net.ipv4.conf.eth0.accept_local", "1"),
-            // ... and it leaves by the interface it came in on: no ICMP redirects.
+            // Before a backend's MAC is known the XDP program hands the encapsulated packet to
+            // the stack, which sends it out the interface it came in on: no ICMP redirects.
+            // (accept_local stays 0: gatewayd keeps the backends' neighbours resolved itself.)
             ("net.ipv4.conf.all.send_redirects", "0"),
             ("net.ipv4.conf.eth0.send_redirects", "0"),
         ] {
@@ -429,14 +425,23 @@ fn tcp_and_udp_reach_backends_directly_and_spread_by_weight() -> Result<()> {
         "too few replies captured at the client: {replies}"
     );
 
-    // Each backend decapsulated traffic; the first packets toward each backend went through
-    // the stack while ARP resolved (and still arrived: no connection failed).
+    // Each backend decapsulated traffic, and gatewayd made the kernel resolve and keep every
+    // backend's neighbour entry (managed), so XDP had their MACs without accept_local.
     for (decap, name) in lab.decaps.iter().zip(BACKEND_NAMES) {
         let n = decap.decapsulated()?;
         eprintln!("{name} decapsulated {n} packets");
         ensure!(n > 0, "{name} decapsulated nothing");
     }
-    ensure!(lab.reason("fib_no_neigh_pass")? > 0);
+    let neighbours = stdout(&lab.gw.ns.exec(&["ip", "neigh", "show", "dev", "eth0"])?);
+    for backend in &lab.backends {
+        ensure!(
+            neighbours
+                .lines()
+                .any(|l| l.starts_with(&format!("{} ", backend.ip4)) && l.contains("managed")),
+            "no managed neighbour entry for {}:\n{neighbours}",
+            backend.ip4
+        );
+    }
     ensure!(
         lab.reason("lru_miss_non_syn")? == 0,
         "established packets missed the flow table"

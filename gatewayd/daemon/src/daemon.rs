@@ -4,6 +4,7 @@
 use crate::config::{self, Config, SystemHost};
 use crate::control;
 use crate::datapath::lb_maps::{self, LbMaps};
+use crate::datapath::neighbours::Neighbours;
 use crate::datapath::{Capacities, Datapath};
 use crate::events::EventHub;
 use crate::lb::reconcile::{LbParams, Programmed};
@@ -26,6 +27,7 @@ struct Daemon {
     lb: LbMaps,
     programmed: Programmed,
     metrics: Arc<Metrics>,
+    neighbours: Neighbours,
     generation: u64,
     last_reload: Option<api::ReloadResult>,
     started: Instant,
@@ -80,11 +82,13 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
         lb,
         programmed,
         metrics,
+        neighbours: Neighbours::new()?,
         generation: 0,
         last_reload: None,
         started: Instant::now(),
     };
     daemon.apply(&config).context("applying the configuration")?;
+    daemon.resolve_backends().await;
     daemon.generation = 1;
     daemon.publish_metrics();
     let status = daemon.status_line();
@@ -101,7 +105,7 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
 
     loop {
         tokio::select! {
-            _ = hangup.recv() => daemon.reload(),
+            _ = hangup.recv() => daemon.reload().await,
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
             _ = tick.tick() => if watchdog.is_some() { notify(&[NotifyState::Watchdog]) },
@@ -179,7 +183,19 @@ impl Daemon {
             .map(IpNet::from)
     }
 
-    fn reload(&mut self) {
+    /// Keeps the backends' next hops resolved by the kernel (see datapath::neighbours).
+    async fn resolve_backends(&mut self) {
+        let backends = self
+            .config
+            .desired
+            .services
+            .values()
+            .flat_map(|s| s.backends.iter().map(|b| b.address));
+        let backends: Vec<_> = backends.collect();
+        self.neighbours.sync(backends).await;
+    }
+
+    async fn reload(&mut self) {
         let now = SystemTime::now();
         notify(&[NotifyState::Reloading, monotonic_now()]);
         info!(path = %self.config_path.display(), "reloading configuration");
@@ -194,6 +210,7 @@ impl Daemon {
                 self.config = new;
                 self.generation += 1;
                 self.publish_metrics();
+                self.resolve_backends().await;
                 info!(generation = self.generation, "configuration reloaded");
                 (true, format!("generation {} applied", self.generation))
             }

@@ -9,6 +9,7 @@
 //!   `links/eth0/xdp-native`. It keeps the program attached while no daemon runs.
 
 pub mod lb_maps;
+pub mod neighbours;
 
 use crate::config::{Interface, XdpMode};
 use anyhow::{anyhow, bail, Context, Result};
