@@ -212,6 +212,24 @@ impl Lab {
         gatewayctl(&self.scratch, args)
     }
 
+    /// Waits until some `gatewayctl observe` has switched the datapath's events on.
+    fn wait_observed(&self) -> Result<()> {
+        let pin = self.scratch.bpffs.join("maps/gd_observe");
+        let deadline = std::time::Instant::now() + READY_TIMEOUT;
+        while std::time::Instant::now() < deadline {
+            let entries = map_dump(&pin)?;
+            if entries
+                .first()
+                .and_then(|e| e["formatted"]["value"]["enabled"].as_u64())
+                == Some(1)
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("no observer subscribed within {READY_TIMEOUT:?}")
+    }
+
     /// A datapath reason counter from `gatewayctl lb stats`.
     fn reason(&self, name: &str) -> Result<u64> {
         let stats = self.ctl(&["lb", "stats"])?;
@@ -465,6 +483,35 @@ fn tcp_and_udp_reach_backends_directly_and_spread_by_weight() -> Result<()> {
             "{dns_flows:?} vs {udp_served:?}"
         );
     }
+
+    // Prometheus, scraped over HTTP inside the gateway's namespace, says the same per label.
+    let metrics = lab.gw.ns.run_in(|| {
+        let mut response = ureq::get("http://127.0.0.1:9469/metrics").call()?;
+        Ok(response.body_mut().read_to_string()?)
+    })?;
+    let metric = |name: &str, labels: &str| -> Result<u64> {
+        let prefix = format!("{name}{{{labels}");
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .ok_or_else(|| anyhow!("no {prefix}... in /metrics:\n{metrics}"))?;
+        Ok(line.rsplit(' ').next().unwrap_or_default().parse()?)
+    };
+    for (name, backend) in BACKEND_NAMES.iter().zip(&lab.backends) {
+        let labels = format!(
+            r#"service="web",vip="{VIP4}",port="80",protocol="tcp",backend="{}",state="active"}}"#,
+            backend.ip4
+        );
+        ensure!(
+            metric("gatewayd_lb_backend_flows_total", &labels)? == flows[*name].1,
+            "{name}: {metrics}"
+        );
+    }
+    let web = format!(r#"service="web",vip="{VIP4}",port="80",protocol="tcp"}}"#);
+    let total: u64 = flows.values().map(|(_, n)| n).sum();
+    ensure!(metric("gatewayd_lb_service_flows_total", &web)? == total);
+    ensure!(metric("gatewayd_lb_service_packets_total", &web)? >= 3 * N as u64);
+    ensure!(metric("gatewayd_datapath_packets_total", r#"reason="lru_miss_non_syn"}"#)? == 0);
     Ok(())
 }
 
@@ -587,7 +634,24 @@ fn clients_outside_source_ranges_get_nothing() -> Result<()> {
     let mut conn = lab.connect(0, sa(VIP4, 80))?;
     tcp_exchange(&mut conn, "allowed", REPLY_TIMEOUT)?;
 
-    // The other one gets nothing: its SYNs are dropped at the gateway.
+    // The other one gets nothing: its SYNs are dropped at the gateway, and an operator
+    // watching drops sees why.
+    let mut observe = std::process::Command::new(binary("gatewayctl"))
+        .arg("--socket")
+        .arg(lab.scratch.socket())
+        .args([
+            "observe",
+            "--verdict",
+            "dropped",
+            "--count",
+            "1",
+            "--output",
+            "json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    // The observer is subscribed once the datapath reports events: poll until it does.
+    lab.wait_observed()?;
     match lab.clients[1].ns.tcp_connect(sa(VIP4, 80), DENIED_TIMEOUT) {
         Ok(_) => bail!("{} is outside source_ranges but connected", lab.clients[1].ip4),
         Err(e) => eprintln!("client2 -> restricted VIP: {e:#}"),
@@ -595,6 +659,18 @@ fn clients_outside_source_ranges_get_nothing() -> Result<()> {
     let drops = lab.reason("source_range_drop")?;
     eprintln!("source_range_drop: {drops} packets");
     ensure!(drops > 0);
+    let observed = observe.wait_with_output()?;
+    let event: serde_json::Value = serde_json::from_slice(&observed.stdout)?;
+    eprintln!("gatewayctl observe --verdict dropped: {event}");
+    ensure!(event["reason"] == "source_range_drop", "{event}");
+    ensure!(
+        event["source"] == lab.clients[1].ip4.as_str() && event["destination"] == VIP4,
+        "{event}"
+    );
+    ensure!(
+        event["service"] == "restricted" && event["destination_port"] == 80,
+        "{event}"
+    );
 
     // Not a broken client: it reaches a service without source ranges.
     let mut open = lab.clients[1]
