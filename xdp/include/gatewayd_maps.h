@@ -172,7 +172,10 @@ struct gd_traffic_counters {
 #define GD_REASON_VLAN_PASS 12	  /* VIP packet on a VLAN tag: encapsulated, routed by the stack */
 #define GD_REASON_BAD_BACKEND_DROP 13 /* Maglev slot names a backend that is gone (racing update) */
 #define GD_REASON_DECAP 14	      /* backend side: outer header stripped */
-#define GD_REASON_MAX 15
+#define GD_REASON_NAT_EXHAUSTED_DROP 15 /* egress: new flow, no free NAT port among those tried */
+#define GD_REASON_RNAT_MISS_PASS 16	/* egress: to an egress address, no live NAT mapping */
+#define GD_REASON_EGRESS_UNSUPPORTED_PASS 17 /* egress: selected by a policy, not translatable */
+#define GD_REASON_MAX 18
 
 struct gd_reason_counters {
 	__u64 packets;
@@ -203,6 +206,129 @@ struct gd_flow_event {
 struct gd_observe {
 	__u32 enabled;
 	__u32 pad;
+};
+
+/*
+ * ---------------------------------------------------------------------------------------------
+ * Egress gateway (xdp/egress.c): selected pod traffic leaving the egress interface is SNATed to
+ * a policy's egress address (gatewayd_snat, tcx egress) and its replies are translated back
+ * (gatewayd_rnat, tcx ingress of the same interface). xdp/README.md describes the whole walk.
+ * ---------------------------------------------------------------------------------------------
+ */
+#define GD_MAX_EGRESS_POLICIES 4096   /* gd_egress_pols, gd_egress_stats (index = policy_id) */
+#define GD_MAX_EGRESS_PREFIXES 65536  /* gd_egress_dst */
+#define GD_MAX_EGRESS_SOURCES 65536   /* gd_egress_src */
+#define GD_MAX_EGRESS_ADDRS 1024      /* gd_egress_addrs */
+#define GD_MAX_NAT_ENTRIES 262144     /* gd_nat: two entries per flow */
+#define GD_EGRESS_MAX_CANDIDATES 8
+
+/*
+ * gd_egress_dst: LPM_TRIE, consulted only for packets without a NAT entry. One entry per
+ * distinct prefix named by any policy's destination or excluded CIDRs; prefixlen counts the
+ * family + pad bits (32) plus the CIDR length. The longest match is the most specific prefix
+ * covering the destination; its value lists the policies that apply there, best first.
+ */
+struct gd_egress_dst_key {
+	__u32 prefixlen;
+	__u8 family;
+	__u8 pad[3];
+	__u8 addr[16];
+};
+#define GD_EGRESS_DST_PREFIX_BITS 32
+
+struct gd_egress_dst {
+	__u32 count; /* used entries of policy_ids; 0 = excluded destination: never translated */
+	__u32 policy_ids[GD_EGRESS_MAX_CANDIDATES]; /* most specific destination CIDR first, then name */
+};
+
+/*
+ * gd_egress_src: LPM_TRIE of each policy's source set (pod addresses as /32 or /128, source
+ * CIDRs). prefixlen counts policy_id + family + pad (64) plus the CIDR length. The first
+ * candidate of gd_egress_dst whose source set holds the packet's source is the flow's policy.
+ */
+struct gd_egress_src_key {
+	__u32 prefixlen;
+	__u32 policy_id;
+	__u8 family;
+	__u8 pad[3];
+	__u8 addr[16];
+};
+#define GD_EGRESS_SRC_PREFIX_BITS 64
+
+/* gd_egress_pols: ARRAY indexed by policy_id (0 unused). family 0 = no such policy. */
+struct gd_egress_policy {
+	__u8 egress_addr[16]; /* the SNAT source; must be of the family of the policy's traffic */
+	__u8 family;
+	__u8 pad[3];
+};
+
+/*
+ * gd_egress_addrs: HASH, the set of every policy's egress address (value unused, 1). Only used
+ * to count replies that find no mapping (GD_REASON_RNAT_MISS_PASS); translation never needs it.
+ */
+struct gd_egress_addr_key {
+	__u8 addr[16];
+	__u8 family;
+	__u8 pad[3];
+};
+
+/*
+ * gd_egress_cfg: ARRAY with one entry (index 0). Written by userspace before the first policy:
+ * an empty port range makes every new flow fail allocation (GD_REASON_NAT_EXHAUSTED_DROP).
+ */
+struct gd_egress_settings {
+	/* Idle timeouts in seconds, by protocol and TCP state (GD_NAT_TCP_*). */
+	__u32 tcp_established_s;
+	__u32 tcp_closing_s; /* after a FIN or RST in either direction */
+	__u32 tcp_syn_s;     /* SYN sent, no answer yet */
+	__u32 udp_s;
+	__u32 icmp_s;   /* echo request/reply identifiers */
+	__u16 port_min; /* NAT ports (and ICMP identifiers), inclusive; HOST byte order: a range, */
+	__u16 port_max; /* not a packet field. Keep it outside net.ipv4.ip_local_port_range. */
+};
+
+/*
+ * gd_nat: LRU_HASH keyed by the 5-tuple as seen on the wire (struct gd_flow_key; for ICMP echo
+ * sport = dport = identifier). Every flow has two entries:
+ * - ORIGINAL, key (pod, dst, pod port, dst port): addr/port = egress address and NAT port;
+ * - REPLY, key (dst, egress address, dst port, NAT port): addr/port = pod address and port.
+ * Both carry the same state, policy and times; each direction refreshes both (at most once a
+ * second, or when the TCP state changes).
+ *
+ * An entry is live while now <= expires_ns (bpf_ktime_get_ns clock = CLOCK_MONOTONIC, written
+ * with the coarse variant). Past that the datapath treats it as absent and replaces it; the
+ * daemon's garbage collector deletes entries with expires_ns < CLOCK_MONOTONIC now, except
+ * expires_ns == 1 (a CPU is taking the entry over right now; both halves expire together), and
+ * deletes a policy's entries (policy_id) when the policy is removed or changes its egress
+ * address. Counting live entries gives the table occupancy.
+ */
+#define GD_NAT_DIR_ORIGINAL 0
+#define GD_NAT_DIR_REPLY 1
+
+#define GD_NAT_OPEN 0		 /* UDP and ICMP: one timeout per protocol */
+#define GD_NAT_TCP_SYN_SENT 1	 /* opened by a SYN, no reply seen yet */
+#define GD_NAT_TCP_ESTABLISHED 2 /* a reply was seen, or the flow was adopted mid-stream */
+#define GD_NAT_TCP_CLOSING 3	 /* FIN or RST seen in either direction */
+
+struct gd_nat_entry {
+	__u8 addr[16];	     /* ORIGINAL: egress address; REPLY: pod address */
+	__u64 created_ns;    /* when the mapping was made */
+	__u64 last_seen_ns;  /* last refresh (the datapath refreshes at most once a second) */
+	__u64 expires_ns;    /* last_seen_ns + the timeout of (protocol, state); 1 = being replaced */
+	__u32 policy_id;
+	__be16 port;	     /* ORIGINAL: NAT port / identifier; REPLY: pod port / identifier */
+	__u8 state;	     /* GD_NAT_OPEN or GD_NAT_TCP_* */
+	__u8 dir;	     /* GD_NAT_DIR_* */
+};
+
+/* gd_egress_stats: PERCPU_ARRAY indexed by policy_id. */
+struct gd_egress_counters {
+	__u64 packets_out;  /* translated by gatewayd_snat (bytes: frame length) */
+	__u64 bytes_out;
+	__u64 packets_in;   /* translated back by gatewayd_rnat, ICMP errors included */
+	__u64 bytes_in;
+	__u64 new_flows;    /* NAT mappings created */
+	__u64 nat_failures; /* new flows dropped: no free port (GD_REASON_NAT_EXHAUSTED_DROP) */
 };
 
 #endif /* GATEWAYD_MAPS_H */

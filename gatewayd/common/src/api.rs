@@ -11,6 +11,8 @@ pub enum Request {
     Status,
     LbList,
     LbStats,
+    EgressList,
+    NatList,
     /// Switches the connection to a stream of [`FlowEvent`] lines until the client hangs up.
     Observe,
 }
@@ -21,6 +23,8 @@ pub enum Response {
     Status(Status),
     LbList(Vec<LbService>),
     LbStats(LbStats),
+    EgressList(Vec<EgressPolicyStatus>),
+    NatList(Vec<NatTranslation>),
     Error(String),
 }
 
@@ -124,4 +128,39 @@ pub struct FlowEvent {
     pub service: String,
     pub backend: String,
     pub bytes: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EgressPolicyStatus {
+    pub name: String,
+    pub policy_id: u32,
+    pub egress_ip: String,
+    pub interface: String,
+    pub source_cidrs: Vec<String>,
+    pub destination_cidrs: Vec<String>,
+    pub excluded_cidrs: Vec<String>,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub new_flows: u64,
+    /// New flows dropped because no NAT port was free.
+    pub nat_failures: u64,
+}
+
+/// One live egress translation: `source:source_port -> destination:destination_port` leaves as
+/// `egress_ip:egress_port`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NatTranslation {
+    pub protocol: String,
+    pub source: String,
+    pub source_port: u16,
+    pub destination: String,
+    pub destination_port: u16,
+    pub egress_ip: String,
+    pub egress_port: u16,
+    pub state: String,
+    pub policy: String,
+    pub age_seconds: u64,
+    pub expires_in_seconds: u64,
 }

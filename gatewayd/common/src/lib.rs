@@ -24,4 +24,12 @@ mod pod {
     unsafe impl aya::Pod for ReasonCounters {}
     unsafe impl aya::Pod for FlowEvent {}
     unsafe impl aya::Pod for Observe {}
+    unsafe impl aya::Pod for EgressDstData {}
+    unsafe impl aya::Pod for EgressDst {}
+    unsafe impl aya::Pod for EgressSrcData {}
+    unsafe impl aya::Pod for EgressPolicy {}
+    unsafe impl aya::Pod for EgressAddrKey {}
+    unsafe impl aya::Pod for EgressSettings {}
+    unsafe impl aya::Pod for NatEntry {}
+    unsafe impl aya::Pod for EgressCounters {}
 }

@@ -32,7 +32,7 @@ pub const MAX_AFFINITY: u32 = 262_144;
 pub const MAX_SOURCE_RANGES: u32 = 65536;
 
 /// Names of the `gd_reasons` slots, in `GD_REASON_*` order.
-pub const REASON_NAMES: [&str; 15] = [
+pub const REASON_NAMES: [&str; 18] = [
     "non_vip_pass",
     "malformed_pass",
     "fragment_drop",
@@ -48,6 +48,9 @@ pub const REASON_NAMES: [&str; 15] = [
     "vlan_pass",
     "bad_backend_drop",
     "decap",
+    "nat_exhausted_drop",
+    "rnat_miss_pass",
+    "egress_unsupported_pass",
 ];
 pub const REASON_MAX: u32 = REASON_NAMES.len() as u32;
 
@@ -201,6 +204,112 @@ pub struct Observe {
     pub pad: u32,
 }
 
+/// Default egress capacities (the C defaults).
+pub const MAX_EGRESS_POLICIES: u32 = 4096;
+pub const MAX_EGRESS_PREFIXES: u32 = 65536;
+pub const MAX_EGRESS_SOURCES: u32 = 65536;
+pub const MAX_EGRESS_ADDRS: u32 = 1024;
+pub const MAX_NAT_ENTRIES: u32 = 262_144;
+pub const EGRESS_MAX_CANDIDATES: usize = 8;
+pub const EGRESS_DST_PREFIX_BITS: u32 = 32;
+pub const EGRESS_SRC_PREFIX_BITS: u32 = 64;
+
+pub const NAT_DIR_ORIGINAL: u8 = 0;
+pub const NAT_DIR_REPLY: u8 = 1;
+pub const NAT_OPEN: u8 = 0;
+pub const NAT_TCP_SYN_SENT: u8 = 1;
+pub const NAT_TCP_ESTABLISHED: u8 = 2;
+pub const NAT_TCP_CLOSING: u8 = 3;
+
+/// Key data of the `gd_egress_dst` LPM trie (aya's `lpm_trie::Key` adds the prefix length,
+/// which counts these 32 bits of family and pad plus the CIDR length).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EgressDstData {
+    pub family: u8,
+    pub pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+/// `gd_egress_dst` value: the candidate policies of a destination prefix, best first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EgressDst {
+    /// Used entries of `policy_ids`; 0 = excluded destination.
+    pub count: u32,
+    pub policy_ids: [u32; EGRESS_MAX_CANDIDATES],
+}
+
+/// Key data of the `gd_egress_src` LPM trie (prefix length: these 64 bits plus the CIDR length).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EgressSrcData {
+    pub policy_id: u32,
+    pub family: u8,
+    pub pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+/// `gd_egress_pols` value (index policy_id); family 0 = unused id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EgressPolicy {
+    pub egress_addr: [u8; 16],
+    pub family: u8,
+    pub pad: [u8; 3],
+}
+
+/// `gd_egress_addrs` key: every policy's egress address (value: u8, 1).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EgressAddrKey {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub pad: [u8; 3],
+}
+
+/// `gd_egress_cfg[0]`: NAT timeouts and port range.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EgressSettings {
+    pub tcp_established_s: u32,
+    pub tcp_closing_s: u32,
+    pub tcp_syn_s: u32,
+    pub udp_s: u32,
+    pub icmp_s: u32,
+    /// Host byte order (a range, not a packet field), inclusive.
+    pub port_min: u16,
+    pub port_max: u16,
+}
+
+/// `gd_nat` value (key: [`FlowKey`] as on the wire). Live while `expires_ns` >= CLOCK_MONOTONIC.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatEntry {
+    /// ORIGINAL: egress address; REPLY: pod address.
+    pub addr: [u8; 16],
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    pub expires_ns: u64,
+    pub policy_id: u32,
+    /// Network byte order. ORIGINAL: NAT port; REPLY: pod port (ICMP: identifiers).
+    pub port: u16,
+    pub state: u8,
+    pub dir: u8,
+}
+
+/// `gd_egress_stats` value (per CPU, index policy_id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EgressCounters {
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub new_flows: u64,
+    pub nat_failures: u64,
+}
+
 const _: () = {
     use std::mem::size_of;
     assert!(size_of::<VipKey>() == 20);
@@ -216,6 +325,14 @@ const _: () = {
     assert!(size_of::<ReasonCounters>() == 16);
     assert!(size_of::<FlowEvent>() == 64);
     assert!(size_of::<Observe>() == 8);
+    assert!(size_of::<EgressDstData>() == 20);
+    assert!(size_of::<EgressDst>() == 36);
+    assert!(size_of::<EgressSrcData>() == 24);
+    assert!(size_of::<EgressPolicy>() == 20);
+    assert!(size_of::<EgressAddrKey>() == 20);
+    assert!(size_of::<EgressSettings>() == 24);
+    assert!(size_of::<NatEntry>() == 48);
+    assert!(size_of::<EgressCounters>() == 48);
 };
 
 /// Every mirrored struct with its C name, size and field offsets, for the BTF drift test.
@@ -263,6 +380,48 @@ pub fn layouts() -> Vec<StructLayout> {
             [ts_ns, key, service_id, backend_id, bytes, reason, kind, pad]
         ),
         layout!("gd_observe", Observe, [enabled, pad]),
+        layout!("gd_egress_dst", EgressDst, [count, policy_ids]),
+        layout!("gd_egress_policy", EgressPolicy, [egress_addr, family, pad]),
+        layout!("gd_egress_addr_key", EgressAddrKey, [addr, family, pad]),
+        layout!(
+            "gd_egress_settings",
+            EgressSettings,
+            [
+                tcp_established_s,
+                tcp_closing_s,
+                tcp_syn_s,
+                udp_s,
+                icmp_s,
+                port_min,
+                port_max
+            ]
+        ),
+        layout!(
+            "gd_nat_entry",
+            NatEntry,
+            [
+                addr,
+                created_ns,
+                last_seen_ns,
+                expires_ns,
+                policy_id,
+                port,
+                state,
+                dir
+            ]
+        ),
+        layout!(
+            "gd_egress_counters",
+            EgressCounters,
+            [
+                packets_out,
+                bytes_out,
+                packets_in,
+                bytes_in,
+                new_flows,
+                nat_failures
+            ]
+        ),
     ]
 }
 

@@ -42,6 +42,16 @@ enum Command {
         #[command(subcommand)]
         command: LbCommand,
     },
+    /// Egress gateway policies.
+    Egress {
+        #[command(subcommand)]
+        command: EgressCommand,
+    },
+    /// Egress NAT translations.
+    Nat {
+        #[command(subcommand)]
+        command: NatCommand,
+    },
     /// Stream datapath events (new flows, drops with their reason) as they happen.
     Observe(ObserveArgs),
     /// Print a shell completion script.
@@ -122,6 +132,18 @@ enum LbCommand {
     Stats,
 }
 
+#[derive(Subcommand)]
+enum EgressCommand {
+    /// Policies with their egress address, selectors and counters.
+    List,
+}
+
+#[derive(Subcommand)]
+enum NatCommand {
+    /// Live translations: pod address and port, destination, egress address and port.
+    List,
+}
+
 /// Failures that map to distinct exit codes.
 enum Failure {
     Unreachable(anyhow::Error),
@@ -139,6 +161,12 @@ fn main() -> ExitCode {
         Command::Lb {
             command: LbCommand::Stats,
         } => Request::LbStats,
+        Command::Egress {
+            command: EgressCommand::List,
+        } => Request::EgressList,
+        Command::Nat {
+            command: NatCommand::List,
+        } => Request::NatList,
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "gatewayctl", &mut std::io::stdout());
             return ExitCode::SUCCESS;
@@ -280,6 +308,8 @@ fn print_text(response: &Response) {
         Response::Status(s) => print_status(s),
         Response::LbList(services) => print_lb_list(services),
         Response::LbStats(stats) => print_lb_stats(stats),
+        Response::EgressList(policies) => print_egress_list(policies),
+        Response::NatList(translations) => print_nat_list(translations),
         Response::Error(message) => println!("error: {message}"),
     }
 }
@@ -371,6 +401,52 @@ fn print_lb_stats(stats: &api::LbStats) {
     for r in &stats.reasons {
         println!("{:<22} {:>14} {:>16}", r.reason, r.packets, r.bytes);
     }
+}
+
+fn print_egress_list(policies: &[api::EgressPolicyStatus]) {
+    if policies.is_empty() {
+        println!("no egress policies");
+    }
+    for p in policies {
+        println!(
+            "{}  id {}  egress {} on {}  out {} pkts {} bytes  in {} pkts {} bytes  flows {}  nat failures {}",
+            p.name, p.policy_id, p.egress_ip, p.interface, p.packets_out, p.bytes_out, p.packets_in, p.bytes_in,
+            p.new_flows, p.nat_failures
+        );
+        println!("  sources:      {}", p.source_cidrs.join(", "));
+        println!("  destinations: {}", p.destination_cidrs.join(", "));
+        if !p.excluded_cidrs.is_empty() {
+            println!("  excluded:     {}", p.excluded_cidrs.join(", "));
+        }
+    }
+}
+
+fn print_nat_list(translations: &[api::NatTranslation]) {
+    let endpoint = |ip: &str, port: u16| {
+        if ip.contains(':') {
+            format!("[{ip}]:{port}")
+        } else {
+            format!("{ip}:{port}")
+        }
+    };
+    println!(
+        "{:<5} {:<45} {:<45} {:<45} {:<12} {:>6} {:>8}  policy",
+        "proto", "source", "destination", "translated to", "state", "age", "expires"
+    );
+    for t in translations {
+        println!(
+            "{:<5} {:<45} {:<45} {:<45} {:<12} {:>6} {:>8}  {}",
+            t.protocol,
+            endpoint(&t.source, t.source_port),
+            endpoint(&t.destination, t.destination_port),
+            endpoint(&t.egress_ip, t.egress_port),
+            t.state,
+            duration(t.age_seconds),
+            duration(t.expires_in_seconds),
+            t.policy
+        );
+    }
+    println!("{} translations", translations.len());
 }
 
 fn duration(secs: u64) -> String {

@@ -3,9 +3,12 @@
 
 use crate::config::{self, Config, SystemHost};
 use crate::control;
+use crate::datapath::addresses::EgressAddresses;
+use crate::datapath::egress_maps::EgressMaps;
 use crate::datapath::lb_maps::{self, LbMaps};
 use crate::datapath::neighbours::Neighbours;
-use crate::datapath::{Capacities, Datapath};
+use crate::datapath::{Attachment, Capacities, Datapath, Hook, LB_PROGRAM};
+use crate::egress::gateway::EgressGateway;
 use crate::events::EventHub;
 use crate::lb::reconcile::{LbParams, Programmed};
 use crate::metrics::{self, BackendLabels, Metrics, ServiceLabels, ServiceView, Snapshot};
@@ -28,6 +31,7 @@ struct Daemon {
     programmed: Programmed,
     metrics: Arc<Metrics>,
     neighbours: Neighbours,
+    egress: EgressGateway,
     generation: u64,
     last_reload: Option<api::ReloadResult>,
     started: Instant,
@@ -56,10 +60,18 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
             max_services: s.lb.max_services,
             max_backends: s.lb.max_backends,
             flow_table_size: s.lb.flow_table_size,
+            nat_table_size: s.egress.nat_table_size,
         },
     )?;
     let maps_dir = datapath.pins().maps();
     let lb = LbMaps::new(datapath.ebpf_mut(), &maps_dir)?;
+    let (connection, netlink, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    tokio::spawn(connection);
+    let egress = EgressGateway::new(
+        EgressMaps::new(datapath.egress_ebpf_mut(), s.egress.nat_table_size)?,
+        EgressAddresses::new(netlink.clone()),
+        &s.state_dir,
+    )?;
     let programmed = lb
         .recover()
         .context("reading the state left by a previous daemon")?;
@@ -82,13 +94,14 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
         lb,
         programmed,
         metrics,
-        neighbours: Neighbours::new()?,
+        neighbours: Neighbours::new(netlink),
+        egress,
         generation: 0,
         last_reload: None,
         started: Instant::now(),
     };
     daemon.apply(&config).context("applying the configuration")?;
-    daemon.resolve_backends().await;
+    daemon.sync_netlink().await;
     daemon.generation = 1;
     daemon.publish_metrics();
     let status = daemon.status_line();
@@ -102,6 +115,9 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
     // Ping at half the timeout; a loop that stops turning stops pinging, and systemd restarts us.
     let period = watchdog.map(|t| t / 2).unwrap_or(Duration::from_secs(3600));
     let mut tick = tokio::time::interval(period.max(Duration::from_millis(100)));
+    // Expired NAT entries are invisible to the datapath already; collecting them keeps the
+    // table's occupancy honest and leaves room before LRU eviction would start.
+    let mut collect = tokio::time::interval(Duration::from_secs(5));
 
     loop {
         tokio::select! {
@@ -109,6 +125,10 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
             _ = tick.tick() => if watchdog.is_some() { notify(&[NotifyState::Watchdog]) },
+            _ = collect.tick() => {
+                let live = daemon.egress.collect_garbage();
+                daemon.metrics.set_nat_entries(live, daemon.egress.nat_capacity());
+            }
             Some((request, reply)) = queries.recv() => {
                 let _ = reply.send(daemon.answer(request));
             }
@@ -140,7 +160,9 @@ impl Daemon {
             max_services: s.lb.max_services,
             max_backends: s.lb.max_backends,
         };
+        // Every plan is made before the first write: a rejected change touches nothing.
         let (ops, next) = self.programmed.plan(&config.desired.services, &params)?;
+        let (egress_compiled, egress_ops) = self.egress.plan(&config.desired.egress_policies)?;
         let settings = lb_maps::lb_settings(
             s.lb.encap_source_v4
                 .or_else(|| self.default_source(config, false)),
@@ -160,9 +182,19 @@ impl Daemon {
                 "load balancer maps updated"
             );
         }
-        self.datapath.sync_attachments(&s.interfaces)?;
+        self.egress.apply(egress_compiled, &egress_ops, &s.egress)?;
+        let mut wanted: Vec<Attachment> = s
+            .interfaces
+            .iter()
+            .map(|i| Attachment {
+                interface: i.name.clone(),
+                hook: Hook::Xdp(i.xdp_mode),
+                program: LB_PROGRAM,
+            })
+            .collect();
+        wanted.extend(EgressGateway::attachments(&config.desired.egress_policies));
+        self.datapath.sync_attachments(&wanted)?;
         for (what, present) in [
-            ("egress_policies", !config.desired.egress_policies.is_empty()),
             ("peers", !config.desired.peers.is_empty()),
             ("clusters", !s.clusters.is_empty()),
         ] {
@@ -183,16 +215,17 @@ impl Daemon {
             .map(IpNet::from)
     }
 
-    /// Keeps the backends' next hops resolved by the kernel (see datapath::neighbours).
-    async fn resolve_backends(&mut self) {
-        let backends = self
-            .config
-            .desired
+    /// After an apply: keeps the backends' next hops resolved by the kernel (see
+    /// datapath::neighbours) and the egress addresses assigned.
+    async fn sync_netlink(&mut self) {
+        let desired = &self.config.desired;
+        let backends: Vec<_> = desired
             .services
             .values()
-            .flat_map(|s| s.backends.iter().map(|b| b.address));
-        let backends: Vec<_> = backends.collect();
+            .flat_map(|s| s.backends.iter().map(|b| b.address))
+            .collect();
         self.neighbours.sync(backends).await;
+        self.egress.sync_addresses(&desired.egress_policies).await;
     }
 
     async fn reload(&mut self) {
@@ -210,7 +243,7 @@ impl Daemon {
                 self.config = new;
                 self.generation += 1;
                 self.publish_metrics();
-                self.resolve_backends().await;
+                self.sync_netlink().await;
                 info!(generation = self.generation, "configuration reloaded");
                 (true, format!("generation {} applied", self.generation))
             }
@@ -285,7 +318,9 @@ impl Daemon {
                 (svc.service_id, ServiceView { labels, backends })
             })
             .collect();
+        let egress_policies = self.egress.policy_labels();
         self.metrics.publish(Snapshot {
+            egress_policies,
             config_generation: self.generation,
             services,
         });
@@ -305,6 +340,10 @@ impl Daemon {
             Request::Status => self.status().map(Response::Status),
             Request::LbList => self.lb_list().map(Response::LbList),
             Request::LbStats => self.lb_stats().map(Response::LbStats),
+            Request::EgressList => Ok(Response::EgressList(
+                self.egress.list(&self.config.desired.egress_policies),
+            )),
+            Request::NatList => Ok(Response::NatList(self.egress.translations())),
             Request::Observe => unreachable!("the control socket streams events itself"),
         };
         result.unwrap_or_else(|e| Response::Error(format!("{e:#}")))

@@ -4,9 +4,10 @@
 //! the first observer subscribes and clears it when the last one leaves, so an unobserved
 //! gateway pays nothing for the feature.
 
+use crate::datapath::open_pinned_map;
 use crate::metrics::Metrics;
-use anyhow::{Context, Result};
-use aya::maps::{Array, Map, MapData, RingBuf};
+use anyhow::Result;
+use aya::maps::{Array, MapData, RingBuf};
 use gatewayd_common::api;
 use gatewayd_common::maps::{self as m, addr_from_bytes, REASON_NAMES};
 use std::path::Path;
@@ -33,19 +34,13 @@ impl Drop for Subscription {
     }
 }
 
-fn open<T: TryFrom<Map, Error = aya::maps::MapError>>(maps_dir: &Path, name: &str) -> Result<T> {
-    let path = maps_dir.join(name);
-    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-    Ok(T::try_from(Map::from_map_data(data)?)?)
-}
-
 impl EventHub {
     /// Starts reading `gd_events`; `metrics` supplies the names of service and backend ids.
     pub fn start(maps_dir: &Path, metrics: Arc<Metrics>) -> Result<Arc<Self>> {
-        let mut observe: Array<MapData, m::Observe> = open(maps_dir, "gd_observe")?;
+        let mut observe: Array<MapData, m::Observe> = open_pinned_map(maps_dir, "gd_observe")?;
         // A daemon killed while observed leaves the flag on: nobody is observing now.
         observe.set(0, m::Observe::default(), 0)?;
-        let ring: RingBuf<MapData> = open(maps_dir, "gd_events")?;
+        let ring: RingBuf<MapData> = open_pinned_map(maps_dir, "gd_events")?;
         let (events, _) = broadcast::channel(4096);
         let hub = Arc::new(EventHub {
             events,
@@ -113,9 +108,7 @@ struct Clock {
 
 impl Clock {
     fn now() -> Self {
-        let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-            .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-            .unwrap_or(0);
+        let mono = crate::datapath::monotonic_ns();
         let wall = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)

@@ -5,7 +5,10 @@
 //! per-CPU counters itself, on a blocking thread, through its own handles on the pinned maps.
 
 use crate::datapath::lb_maps::LbCounters;
+use crate::datapath::open_pinned_map;
 use anyhow::{Context, Result};
+use aya::maps::{MapData, PerCpuArray};
+use gatewayd_common::maps::EgressCounters;
 use gatewayd_common::maps::REASON_NAMES;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -16,6 +19,7 @@ use prometheus_client::registry::Registry;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use tracing::{info, warn};
 
@@ -25,6 +29,14 @@ pub struct Snapshot {
     pub config_generation: u64,
     /// By service id.
     pub services: BTreeMap<u32, ServiceView>,
+    /// By egress policy id.
+    pub egress_policies: BTreeMap<u32, PolicyLabels>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub policy: String,
+    pub egress_ip: String,
 }
 
 #[derive(Debug, Clone)]
@@ -67,14 +79,20 @@ struct VersionLabels {
     version: &'static str,
 }
 
+/// Name, help and field of one per-policy egress counter family.
+type EgressFamily = (&'static str, &'static str, fn(&EgressCounters) -> u64);
+
 /// Metrics the daemon itself updates (they live across scrapes), plus the snapshot.
 pub struct Metrics {
     snapshot: Mutex<Arc<Snapshot>>,
     reconcile_seconds: Histogram,
     reloads: Family<ResultLabels, Counter>,
     maps_dir: PathBuf,
-    /// Opened on first scrape; one scrape at a time reads through it.
-    counters: Mutex<Option<LbCounters>>,
+    /// Opened on first scrape; one scrape at a time reads through them.
+    counters: Mutex<Option<(LbCounters, PerCpuArray<MapData, EgressCounters>)>>,
+    /// Live NAT entries as of the last garbage collection, and the table's capacity.
+    nat_entries: AtomicI64,
+    nat_capacity: AtomicI64,
 }
 
 impl Metrics {
@@ -86,7 +104,14 @@ impl Metrics {
             reloads: Family::default(),
             maps_dir,
             counters: Mutex::new(None),
+            nat_entries: AtomicI64::new(0),
+            nat_capacity: AtomicI64::new(0),
         })
+    }
+
+    pub fn set_nat_entries(&self, live: usize, capacity: u32) {
+        self.nat_entries.store(live as i64, Ordering::Relaxed);
+        self.nat_capacity.store(i64::from(capacity), Ordering::Relaxed);
     }
 
     pub fn publish(&self, snapshot: Snapshot) {
@@ -114,9 +139,10 @@ impl Metrics {
         let snapshot = self.snapshot();
         let mut guard = self.counters.lock().expect("counters lock");
         if guard.is_none() {
-            *guard = Some(LbCounters::open(&self.maps_dir)?);
+            let egress = open_pinned_map(&self.maps_dir, "gd_egress_stats")?;
+            *guard = Some((LbCounters::open(&self.maps_dir)?, egress));
         }
-        let counters = guard.as_ref().expect("opened above");
+        let (counters, egress_stats) = guard.as_ref().expect("opened above");
 
         let mut registry = Registry::with_prefix("gatewayd");
         let build = Family::<VersionLabels, Gauge>::default();
@@ -207,6 +233,69 @@ impl Metrics {
             "lb_flow_table_capacity",
             "Capacity of the LB connection table",
             capacity,
+        );
+
+        let families: [EgressFamily; 6] = [
+            (
+                "egress_packets_out",
+                "Packets SNATed by each egress policy",
+                |c| c.packets_out,
+            ),
+            ("egress_bytes_out", "Bytes SNATed by each egress policy", |c| {
+                c.bytes_out
+            }),
+            (
+                "egress_packets_in",
+                "Reply packets translated back for each egress policy",
+                |c| c.packets_in,
+            ),
+            (
+                "egress_bytes_in",
+                "Reply bytes translated back for each egress policy",
+                |c| c.bytes_in,
+            ),
+            (
+                "egress_flows",
+                "NAT mappings created by each egress policy",
+                |c| c.new_flows,
+            ),
+            (
+                "egress_nat_failures",
+                "New flows dropped for lack of a free NAT port",
+                |c| c.nat_failures,
+            ),
+        ];
+        let mut totals = Vec::new();
+        for (id, labels) in &snapshot.egress_policies {
+            let per_cpu = egress_stats.get(id, 0)?;
+            let sum = per_cpu.iter().fold([0u64; 6], |mut acc, c| {
+                for (slot, (_, _, field)) in acc.iter_mut().zip(&families) {
+                    *slot += field(c);
+                }
+                acc
+            });
+            totals.push((labels, sum));
+        }
+        for (i, (name, help, _)) in families.iter().enumerate() {
+            let family = Family::<PolicyLabels, Counter>::default();
+            for (labels, sum) in &totals {
+                family.get_or_create(labels).inc_by(sum[i]);
+            }
+            registry.register(*name, *help, family);
+        }
+        let nat_entries = Gauge::<i64>::default();
+        nat_entries.set(self.nat_entries.load(Ordering::Relaxed));
+        registry.register(
+            "egress_nat_entries",
+            "Live egress NAT entries (two per flow), as of the last collection",
+            nat_entries,
+        );
+        let nat_capacity = Gauge::<i64>::default();
+        nat_capacity.set(self.nat_capacity.load(Ordering::Relaxed));
+        registry.register(
+            "egress_nat_capacity",
+            "Capacity of the egress NAT table",
+            nat_capacity,
         );
 
         let mut text = String::new();

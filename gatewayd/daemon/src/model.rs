@@ -96,20 +96,17 @@ pub struct Service {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EgressTarget {
-    /// SNAT to this address, which gatewayd assigns to the egress interface.
-    Ip(IpAddr),
-    /// SNAT to the primary address of this interface.
-    Interface(String),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EgressPolicy {
     pub name: String,
+    /// Pods (as /32 and /128) and CIDRs whose traffic the policy selects.
     pub source_cidrs: Vec<IpNet>,
     pub destination_cidrs: Vec<IpNet>,
     pub excluded_cidrs: Vec<IpNet>,
-    pub target: EgressTarget,
+    /// Where the traffic leaves; the SNAT programs run there.
+    pub interface: String,
+    /// The SNAT address, which gatewayd assigns to `interface`; `None`: the interface's own
+    /// first address.
+    pub egress_ip: Option<IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -36,7 +36,25 @@ struct gd_nexthop {
 	__u32 mtu; /* route MTU toward the backend (bytes of outer IP packet) */
 	__u8 smac[ETH_ALEN];
 	__u8 dmac[ETH_ALEN];
+	/*
+	 * The backend address the entry was resolved for. Userspace frees a backend id when its
+	 * backend leaves and may give it to another backend in the next reconcile: the id alone
+	 * would hand the newcomer the previous backend's MAC until the entry expired.
+	 */
+	__u8 daddr[16];
+	__u8 family;
+	__u8 pad[7];
 };
+
+static __always_inline int gd_nexthop_is_for(const struct gd_nexthop *nh, __u32 be_id,
+					     const struct gd_encap *e)
+{
+	const __u64 *a = (const __u64 *)nh->daddr;
+	const __u64 *b = (const __u64 *)e->daddr;
+
+	return nh->backend_id == be_id && nh->family == e->family && a[0] == b[0] &&
+	       a[1] == b[1];
+}
 
 /*
  * Per-CPU: each CPU refreshes its own copy, so a reader can never see a half-written entry
@@ -108,7 +126,7 @@ static __always_inline int gd_route(struct xdp_md *ctx, const struct gd_pkt *pkt
 	if (!nh) /* cannot happen for an in-range array index; keeps the verifier happy */
 		return BPF_FIB_LKUP_RET_NOT_FWDED;
 	now = bpf_ktime_get_coarse_ns(); /* jiffy resolution, no clock read: ~free */
-	if (nh->backend_id == be_id && now < nh->expires_ns) {
+	if (gd_nexthop_is_for(nh, be_id, e) && now < nh->expires_ns) {
 		if (outer_len > nh->mtu) {
 			fib->mtu_result = nh->mtu;
 			return BPF_FIB_LKUP_RET_FRAG_NEEDED;
@@ -139,6 +157,8 @@ static __always_inline int gd_route(struct xdp_md *ctx, const struct gd_pkt *pkt
 		return rc;
 
 	nh->backend_id = be_id;
+	__builtin_memcpy(nh->daddr, e->daddr, sizeof(nh->daddr));
+	nh->family = e->family;
 	nh->ifindex = fib->ifindex;
 	nh->mtu = mtu;
 	__builtin_memcpy(nh->smac, fib->smac, ETH_ALEN);

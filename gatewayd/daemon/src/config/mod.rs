@@ -39,7 +39,27 @@ pub struct Settings {
     pub metrics_listen: SocketAddr,
     pub interfaces: Vec<Interface>,
     pub lb: LbSettings,
+    pub egress: EgressSettings,
     pub clusters: Vec<Cluster>,
+}
+
+/// NAT behaviour shared by every egress policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressSettings {
+    /// Egress interface of policies that name none.
+    pub interface: Option<String>,
+    /// NAT ports (and ICMP identifiers), inclusive. Keep the range outside the gateway's own
+    /// `net.ipv4.ip_local_port_range`, or its own connections from an egress IP may collide.
+    pub port_min: u16,
+    pub port_max: u16,
+    /// Capacity of the NAT table (two entries per flow); applied at restart.
+    pub nat_table_size: u32,
+    /// Idle timeouts in seconds.
+    pub tcp_established_timeout: u32,
+    pub tcp_closing_timeout: u32,
+    pub tcp_syn_timeout: u32,
+    pub udp_timeout: u32,
+    pub icmp_timeout: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,7 +74,7 @@ pub struct Interface {
     pub xdp_mode: XdpMode,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum XdpMode {
     Native,
     Generic,
@@ -482,9 +502,9 @@ backends = [{ address = "10.1.0.1", weight = 5, state = "terminating" }]
         let text = r#"
 [[egress_policies]]
 name = "p"
+source_cidrs = ["10.244.0.0/16"]
 destination_cidrs = ["203.0.113.0/24"]
 egress_ip = "192.0.2.1"
-egress_interface = "eth0"
 
 [[peers]]
 name = "n"
@@ -498,7 +518,7 @@ name = "c"
         assert_eq!(
             paths,
             [
-                "egress_policies[0].egress_ip",
+                "egress_policies[0].egress_interface",
                 "peers[0].public_key",
                 "clusters[0].kubeconfig",
                 "clusters[0].id"

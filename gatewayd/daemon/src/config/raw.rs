@@ -19,6 +19,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub services: Vec<RawService>,
     #[serde(default)]
+    pub egress: RawEgress,
+    #[serde(default)]
     pub egress_policies: Vec<RawEgressPolicy>,
     #[serde(default)]
     pub peers: Vec<RawPeer>,
@@ -88,6 +90,20 @@ pub struct RawBackend {
     pub address: String,
     pub weight: Option<u32>,
     pub state: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEgress {
+    pub interface: Option<String>,
+    pub port_min: Option<u16>,
+    pub port_max: Option<u16>,
+    pub nat_table_size: Option<u32>,
+    pub tcp_established_timeout: Option<u32>,
+    pub tcp_closing_timeout: Option<u32>,
+    pub tcp_syn_timeout: Option<u32>,
+    pub udp_timeout: Option<u32>,
+    pub icmp_timeout: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -102,7 +102,12 @@ pub(super) fn validate(raw: RawConfig, host: &dyn Host) -> Result<Config, Vec<Co
 
     let settings = settings(&mut c, &raw, host);
     let services = services(&mut c, &raw.services);
-    let egress_policies = egress_policies(&mut c, &raw.egress_policies, host);
+    let egress_policies = egress_policies(
+        &mut c,
+        &raw.egress_policies,
+        settings.egress.interface.as_deref(),
+        host,
+    );
     let peers = peers(&mut c, &raw.peers);
 
     if c.errors.is_empty() {
@@ -177,6 +182,7 @@ fn settings(c: &mut Checker, raw: &RawConfig, host: &dyn Host) -> Settings {
     }
 
     let lb = lb_settings(c, &raw.lb);
+    let egress = egress_settings(c, &raw.egress, host);
     let clusters = clusters(c, &raw.clusters);
 
     let path = |v: &Option<String>, default: &str| PathBuf::from(v.as_deref().unwrap_or(default));
@@ -192,6 +198,7 @@ fn settings(c: &mut Checker, raw: &RawConfig, host: &dyn Host) -> Settings {
         metrics_listen,
         interfaces,
         lb,
+        egress,
         clusters,
     };
     for (key, p) in [
@@ -420,7 +427,66 @@ fn services(c: &mut Checker, raw: &[RawService]) -> BTreeMap<ServiceKey, Service
     out
 }
 
-fn egress_policies(c: &mut Checker, raw: &[RawEgressPolicy], host: &dyn Host) -> Vec<EgressPolicy> {
+fn egress_settings(c: &mut Checker, raw: &RawEgress, host: &dyn Host) -> EgressSettings {
+    if let Some(name) = &raw.interface {
+        if !host.interface_exists(name) {
+            c.error(
+                "egress.interface".into(),
+                Some(format!("{name:?}")),
+                "no such network interface on this host",
+            );
+        }
+    }
+    let port_min = raw.port_min.unwrap_or(20000);
+    let port_max = raw.port_max.unwrap_or(32767);
+    if port_min == 0 || port_min > port_max {
+        c.error(
+            "egress.port_min".into(),
+            Some(format!("{port_min}..{port_max}")),
+            "the NAT port range must be 1-65535 with port_min <= port_max",
+        );
+    }
+    let nat_table_size = raw
+        .nat_table_size
+        .unwrap_or(gatewayd_common::maps::MAX_NAT_ENTRIES);
+    if nat_table_size < 1024 {
+        c.error(
+            "egress.nat_table_size".into(),
+            Some(nat_table_size.to_string()),
+            "must be at least 1024",
+        );
+    }
+    let mut timeout = |key: &str, value: Option<u32>, default: u32| {
+        let v = value.unwrap_or(default);
+        if v == 0 {
+            c.error(
+                format!("egress.{key}"),
+                Some("0".into()),
+                "must be at least 1 second",
+            );
+        }
+        v
+    };
+    EgressSettings {
+        interface: raw.interface.clone(),
+        port_min,
+        port_max,
+        nat_table_size,
+        // Like Cilium's conntrack: long-lived TCP survives idle hours; the rest is short.
+        tcp_established_timeout: timeout("tcp_established_timeout", raw.tcp_established_timeout, 21600),
+        tcp_closing_timeout: timeout("tcp_closing_timeout", raw.tcp_closing_timeout, 10),
+        tcp_syn_timeout: timeout("tcp_syn_timeout", raw.tcp_syn_timeout, 60),
+        udp_timeout: timeout("udp_timeout", raw.udp_timeout, 60),
+        icmp_timeout: timeout("icmp_timeout", raw.icmp_timeout, 30),
+    }
+}
+
+fn egress_policies(
+    c: &mut Checker,
+    raw: &[RawEgressPolicy],
+    default_interface: Option<&str>,
+    host: &dyn Host,
+) -> Vec<EgressPolicy> {
     let mut names = HashSet::new();
     raw.iter()
         .enumerate()
@@ -432,6 +498,13 @@ fn egress_policies(c: &mut Checker, raw: &[RawEgressPolicy], host: &dyn Host) ->
             let source_cidrs = c.cidrs(&p("source_cidrs"), &e.source_cidrs);
             let destination_cidrs = c.cidrs(&p("destination_cidrs"), &e.destination_cidrs);
             let excluded_cidrs = c.cidrs(&p("excluded_cidrs"), &e.excluded_cidrs);
+            if e.source_cidrs.is_empty() {
+                c.error(
+                    p("source_cidrs"),
+                    None,
+                    "at least one source CIDR is required (pods as /32 or /128)",
+                );
+            }
             if e.destination_cidrs.is_empty() {
                 c.error(
                     p("destination_cidrs"),
@@ -439,9 +512,12 @@ fn egress_policies(c: &mut Checker, raw: &[RawEgressPolicy], host: &dyn Host) ->
                     "at least one destination CIDR is required",
                 );
             }
-            let target = match (&e.egress_ip, &e.egress_interface) {
-                (Some(ip), None) => EgressTarget::Ip(c.parse(p("egress_ip"), ip, "an IP address")?),
-                (None, Some(name)) => {
+            let egress_ip = match &e.egress_ip {
+                Some(ip) => Some(c.parse::<IpAddr>(p("egress_ip"), ip, "an IP address")?),
+                None => None,
+            };
+            let interface = match (&e.egress_interface, default_interface) {
+                (Some(name), _) => {
                     if !host.interface_exists(name) {
                         c.error(
                             p("egress_interface"),
@@ -449,23 +525,37 @@ fn egress_policies(c: &mut Checker, raw: &[RawEgressPolicy], host: &dyn Host) ->
                             "no such network interface on this host",
                         );
                     }
-                    EgressTarget::Interface(name.clone())
+                    name.clone()
                 }
-                _ => {
+                (None, Some(default)) => default.to_owned(),
+                (None, None) => {
                     c.error(
-                        p("egress_ip"),
+                        p("egress_interface"),
                         None,
-                        "set exactly one of egress_ip and egress_interface",
+                        "set egress_interface here or [egress] interface",
                     );
                     return None;
                 }
             };
+            if let (Some(ip), Some(bad)) = (
+                egress_ip,
+                destination_cidrs
+                    .iter()
+                    .find(|d| d.addr().is_ipv6() != egress_ip.is_some_and(|e| e.is_ipv6())),
+            ) {
+                c.error(
+                    p("destination_cidrs"),
+                    Some(bad.to_string()),
+                    format!("address family differs from egress_ip {ip}"),
+                );
+            }
             Some(EgressPolicy {
                 name: e.name.clone(),
                 source_cidrs,
                 destination_cidrs,
                 excluded_cidrs,
-                target,
+                interface,
+                egress_ip,
             })
         })
         .collect()

@@ -1,9 +1,10 @@
 //! The load balancer's maps: executing reconcile operations, recovering the programmed state
 //! from maps a previous daemon left pinned, and reading counters.
 
+use super::{ignore_missing, open_pinned_map, take_map};
 use crate::lb::reconcile::{LbOp, Programmed, ProgrammedBackend, ProgrammedService};
 use crate::model::{BackendState, ServiceKey};
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, HashOfMaps, MapData, PerCpuArray, PerCpuValues};
 use aya::Ebpf;
@@ -38,31 +39,18 @@ pub struct LbCounters {
     flow_capacity: u32,
 }
 
-fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
-    let map = ebpf
-        .take_map(name)
-        .ok_or_else(|| anyhow!("map {name} missing from the object"))?;
-    T::try_from(map).with_context(|| format!("map {name}"))
-}
-
-fn open_pinned<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(dir: &Path, name: &str) -> Result<T> {
-    let path = dir.join(name);
-    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-    T::try_from(aya::maps::Map::from_map_data(data)?).with_context(|| format!("map {name}"))
-}
-
 impl LbMaps {
     /// Takes the maps the reconciler writes from the loaded object; counters are opened from
     /// the pins under `maps_dir`.
     pub fn new(ebpf: &mut Ebpf, maps_dir: &Path) -> Result<Self> {
         Ok(LbMaps {
-            services: take(ebpf, "gd_services")?,
-            maglev: take(ebpf, "gd_maglev")?,
-            backends: take(ebpf, "gd_backends")?,
-            source_ranges: take(ebpf, "gd_src_ranges")?,
-            settings: take(ebpf, "gd_lb_settings")?,
-            service_stats: take(ebpf, "gd_svc_stats")?,
-            backend_stats: take(ebpf, "gd_be_stats")?,
+            services: take_map(ebpf, "gd_services")?,
+            maglev: take_map(ebpf, "gd_maglev")?,
+            backends: take_map(ebpf, "gd_backends")?,
+            source_ranges: take_map(ebpf, "gd_src_ranges")?,
+            settings: take_map(ebpf, "gd_lb_settings")?,
+            service_stats: take_map(ebpf, "gd_svc_stats")?,
+            backend_stats: take_map(ebpf, "gd_be_stats")?,
             counters: LbCounters::open(maps_dir)?,
         })
     }
@@ -185,10 +173,10 @@ impl LbCounters {
             .with_context(|| format!("opening {}", flows_pin.display()))?
             .max_entries();
         Ok(LbCounters {
-            service_stats: open_pinned(maps_dir, "gd_svc_stats")?,
-            backend_stats: open_pinned(maps_dir, "gd_be_stats")?,
-            reasons: open_pinned(maps_dir, "gd_reasons")?,
-            flows: open_pinned(maps_dir, "gd_lb_flows")?,
+            service_stats: open_pinned_map(maps_dir, "gd_svc_stats")?,
+            backend_stats: open_pinned_map(maps_dir, "gd_be_stats")?,
+            reasons: open_pinned_map(maps_dir, "gd_reasons")?,
+            flows: open_pinned_map(maps_dir, "gd_lb_flows")?,
             flow_capacity,
         })
     }
@@ -267,16 +255,6 @@ fn sum_traffic(map: &PerCpuArray<MapData, TrafficCounters>, index: u32) -> Resul
             bytes: acc.bytes + c.bytes,
             new_flows: acc.new_flows + c.new_flows,
         }))
-}
-
-fn ignore_missing(result: Result<(), aya::maps::MapError>) -> Result<()> {
-    match result {
-        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-            Ok(())
-        }
-        other => Ok(other?),
-    }
 }
 
 /// The `gd_lb_settings` value for the given outer source networks. A network with host bits

@@ -8,16 +8,18 @@
 //! - `links/<interface>/<hook>`: the bpf_link attaching a program to an interface, e.g.
 //!   `links/eth0/xdp-native`. It keeps the program attached while no daemon runs.
 
+pub mod addresses;
+pub mod egress_maps;
 pub mod lb_maps;
 pub mod neighbours;
 
-use crate::config::{Interface, XdpMode};
+use crate::config::XdpMode;
 use anyhow::{anyhow, bail, Context, Result};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{ProgramError, Xdp, XdpMode as AyaXdpMode};
+use aya::programs::{ProgramError, SchedClassifier, Xdp, XdpMode as AyaXdpMode};
 use aya::{Ebpf, EbpfLoader};
 use gatewayd_common::api::AttachedProgram;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use tracing::{info, warn};
 
@@ -28,6 +30,10 @@ pub mod objects {
 
 /// The XDP load balancer's program name in `xdp/lb.c`.
 pub const LB_PROGRAM: &str = "gatewayd_lb";
+/// Egress SNAT at tcx egress of the egress interface (`xdp/egress.c`).
+pub const SNAT_PROGRAM: &str = "gatewayd_snat";
+/// Reverse NAT of egress replies at tcx ingress of the same interface.
+pub const RNAT_PROGRAM: &str = "gatewayd_rnat";
 /// The backend-side decapsulation program in `xdp/decap.c`.
 pub const DECAP_PROGRAM: &str = "gatewayd_decap";
 
@@ -39,10 +45,11 @@ pub struct Capacities {
     pub max_services: u32,
     pub max_backends: u32,
     pub flow_table_size: u32,
+    pub nat_table_size: u32,
 }
 
 impl Capacities {
-    fn overrides(&self) -> [(&'static str, u32); 6] {
+    fn overrides(&self) -> [(&'static str, u32); 7] {
         [
             ("gd_services", self.max_services),
             ("gd_maglev", self.max_services),
@@ -50,6 +57,7 @@ impl Capacities {
             ("gd_backends", self.max_backends),
             ("gd_be_stats", self.max_backends),
             ("gd_lb_flows", self.flow_table_size),
+            ("gd_nat", self.nat_table_size),
         ]
     }
 }
@@ -90,64 +98,213 @@ pub enum Origin {
     Loaded,
 }
 
-/// The running load-balancer datapath: its maps, its program and its attachments.
+/// Where on an interface a program runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Hook {
+    Xdp(XdpMode),
+    TcxIngress,
+    TcxEgress,
+}
+
+impl Hook {
+    /// The link's pin name. An interface has one XDP program whatever its mode, so every XDP
+    /// pin shares the `xdp-` prefix and a mode change replaces the link.
+    fn pin_name(&self, program: &str) -> String {
+        match self {
+            Hook::Xdp(mode) => format!("xdp-{mode}"),
+            Hook::TcxIngress => format!("tcx-ingress-{program}"),
+            Hook::TcxEgress => format!("tcx-egress-{program}"),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Hook::Xdp(mode) => format!("xdp/{mode}"),
+            Hook::TcxIngress => "tcx/ingress".into(),
+            Hook::TcxEgress => "tcx/egress".into(),
+        }
+    }
+}
+
+/// One program on one interface, as the daemon wants it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Attachment {
+    pub interface: String,
+    pub hook: Hook,
+    pub program: &'static str,
+}
+
+enum Handle {
+    Xdp(Xdp),
+    Tc(SchedClassifier),
+}
+
+/// A loaded (or adopted) program, pinned as `progs/<name>@<object hash>`.
+struct Program {
+    name: &'static str,
+    pin_prefix: String,
+    handle: Handle,
+    origin: Origin,
+}
+
+impl Program {
+    /// Adopts the program this build pinned earlier, or loads and pins it.
+    fn open(ebpf: &mut Ebpf, name: &'static str, object: &[u8], pins: &Pins) -> Result<Self> {
+        let pin_prefix = format!("{name}@");
+        let pin = pins
+            .progs()
+            .join(format!("{pin_prefix}{:016x}", object_hash(object)));
+        let origin = if pin.exists() {
+            Origin::Adopted
+        } else {
+            let prog = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the object"))?;
+            match prog {
+                aya::programs::Program::Xdp(p) => p.load(),
+                aya::programs::Program::SchedClassifier(p) => p.load(),
+                _ => bail!("program {name}: unexpected program type"),
+            }
+            .map_err(|e| anyhow!("the kernel rejected program {name}: {e}"))?;
+            prog.pin(&pin)
+                .with_context(|| format!("pinning {}", pin.display()))?;
+            Origin::Loaded
+        };
+        let adopt = || format!("opening pinned program {}", pin.display());
+        let handle = match ebpf.program(name) {
+            Some(aya::programs::Program::Xdp(_)) => Handle::Xdp(
+                Xdp::from_pin(&pin, aya_obj::programs::XdpAttachType::Interface).with_context(adopt)?,
+            ),
+            _ => Handle::Tc(SchedClassifier::from_pin(&pin).with_context(adopt)?),
+        };
+        let program = Program {
+            name,
+            pin_prefix,
+            handle,
+            origin,
+        };
+        let id = program.id()?;
+        match (origin, &program.handle) {
+            (Origin::Adopted, Handle::Xdp(_)) => {
+                info!(program = name, program_id = id, "adopted the pinned XDP program")
+            }
+            (Origin::Adopted, Handle::Tc(_)) => {
+                info!(program = name, program_id = id, "adopted the pinned TC program")
+            }
+            (Origin::Loaded, _) => info!(program = name, program_id = id, "loaded the program"),
+        }
+        Ok(program)
+    }
+
+    fn id(&self) -> Result<u32> {
+        Ok(match &self.handle {
+            Handle::Xdp(p) => p.info()?.id(),
+            Handle::Tc(p) => p.info()?.id(),
+        })
+    }
+
+    /// A new link on `interface`, as a pinnable fd link.
+    fn attach(&mut self, interface: &str, ifindex: u32, hook: Hook) -> Result<FdLink> {
+        use aya::programs::{tc::TcAttachOptions, LinkOrder, TcAttachType};
+        let not_pinnable = || {
+            anyhow!("interface {interface}: the kernel attached through netlink, not a bpf_link, so it cannot be pinned for hitless restarts (kernel older than 6.6?)")
+        };
+        match (&mut self.handle, hook) {
+            (Handle::Xdp(p), Hook::Xdp(mode)) => {
+                let id = p
+                    .attach_to_if_index(ifindex, aya_mode(mode))
+                    .map_err(|e| attach_error(e, interface, mode))?;
+                FdLink::try_from(p.take_link(id)?).map_err(|_| not_pinnable())
+            }
+            (Handle::Tc(p), Hook::TcxIngress | Hook::TcxEgress) => {
+                let direction = if hook == Hook::TcxIngress {
+                    TcAttachType::Ingress
+                } else {
+                    TcAttachType::Egress
+                };
+                let id = p
+                    .attach_with_options(
+                        interface,
+                        direction,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .with_context(|| {
+                        format!("attaching {} at {} of {interface}", self.name, hook.describe())
+                    })?;
+                FdLink::try_from(p.take_link(id)?).map_err(|_| not_pinnable())
+            }
+            _ => bail!("program {} cannot run at {}", self.name, hook.describe()),
+        }
+    }
+
+    /// Swaps this program into an existing link (bpf_link_update: no packet sees no program).
+    fn replace(&mut self, link: FdLink) -> Result<()> {
+        match &mut self.handle {
+            Handle::Xdp(p) => {
+                let id = p.attach_to_link(aya::programs::xdp::XdpLink::try_from(link)?)?;
+                // The program keeps the link fd; the pin keeps the link itself.
+                drop(p.take_link(id)?);
+            }
+            Handle::Tc(p) => {
+                let id = p.attach_to_link(aya::programs::tc::SchedClassifierLink::try_from(link)?)?;
+                drop(p.take_link(id)?);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The running datapath: the load-balancer and egress objects, their maps and programs, and
+/// their attachments.
 pub struct Datapath {
     pins: Pins,
-    ebpf: Ebpf,
-    program: Xdp,
-    origin: Origin,
-    attached: BTreeMap<String, AttachedProgram>,
+    lb: Ebpf,
+    egress: Ebpf,
+    programs: BTreeMap<&'static str, Program>,
+    attached: Vec<AttachedProgram>,
 }
 
 impl Datapath {
     /// Mounts bpffs if needed, adopts or creates the pinned maps (recreating any whose layout
-    /// changed), and adopts or loads the XDP program. Attaches nothing yet.
+    /// changed), and adopts or loads the programs. Attaches nothing yet.
     pub fn open(bpffs: &Path, capacities: &Capacities) -> Result<Self> {
         let pins = Pins::new(bpffs);
         ensure_bpffs(bpffs)?;
         std::fs::create_dir_all(pins.maps())?;
         std::fs::create_dir_all(pins.progs())?;
 
-        let object = objects::LB;
         let overrides = capacities.overrides();
-        drop_incompatible_maps(&pins.maps(), object, &overrides)?;
-
-        let mut loader = EbpfLoader::new();
-        loader.default_map_pin_directory(pins.maps());
-        for (name, size) in overrides {
-            loader.map_max_entries(name, size);
+        // Both objects share some maps (reasons, events): check them all before loading either.
+        for object in [objects::LB, objects::EGRESS] {
+            drop_incompatible_maps(&pins.maps(), object, &overrides)?;
         }
-        let mut ebpf = loader.load(object).context("loading the load-balancer object")?;
-
-        let pin = pins
-            .progs()
-            .join(format!("{LB_PROGRAM}@{:016x}", object_hash(object)));
-        let (program, origin) = if pin.exists() {
-            let program = Xdp::from_pin(&pin, aya_obj::programs::XdpAttachType::Interface)
-                .with_context(|| format!("adopting pinned program {}", pin.display()))?;
-            (program, Origin::Adopted)
-        } else {
-            let prog: &mut Xdp = ebpf
-                .program_mut(LB_PROGRAM)
-                .ok_or_else(|| anyhow!("program {LB_PROGRAM} missing from the object"))?
-                .try_into()?;
-            prog.load().map_err(verifier_error)?;
-            prog.pin(&pin)
-                .with_context(|| format!("pinning {}", pin.display()))?;
-            let program = Xdp::from_pin(&pin, aya_obj::programs::XdpAttachType::Interface)?;
-            (program, Origin::Loaded)
+        let load = |object: &[u8], what: &str| -> Result<Ebpf> {
+            let mut loader = EbpfLoader::new();
+            loader.default_map_pin_directory(pins.maps());
+            // Sizes of maps an object does not define are ignored.
+            for (name, size) in overrides {
+                loader.map_max_entries(name, size);
+            }
+            loader
+                .load(object)
+                .with_context(|| format!("loading the {what} object"))
         };
-        let id = program.info()?.id();
-        match origin {
-            Origin::Adopted => info!(program_id = id, "adopted the pinned XDP program"),
-            Origin::Loaded => info!(program_id = id, "loaded the XDP program"),
+        let mut lb = load(objects::LB, "load-balancer")?;
+        let mut egress = load(objects::EGRESS, "egress")?;
+        let mut programs = BTreeMap::new();
+        programs.insert(
+            LB_PROGRAM,
+            Program::open(&mut lb, LB_PROGRAM, objects::LB, &pins)?,
+        );
+        for name in [SNAT_PROGRAM, RNAT_PROGRAM] {
+            programs.insert(name, Program::open(&mut egress, name, objects::EGRESS, &pins)?);
         }
         Ok(Datapath {
             pins,
-            ebpf,
-            program,
-            origin,
-            attached: BTreeMap::new(),
+            lb,
+            egress,
+            programs,
+            attached: Vec::new(),
         })
     }
 
@@ -155,123 +312,151 @@ impl Datapath {
         &self.pins
     }
 
+    /// The load balancer's object, whose maps `LbMaps` takes.
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
-        &mut self.ebpf
+        &mut self.lb
+    }
+
+    /// The egress object, whose maps `EgressMaps` takes.
+    pub fn egress_ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.egress
     }
 
     /// The XDP program, e.g. for BPF_PROG_TEST_RUN in tests and benchmarks.
     pub fn program(&self) -> &Xdp {
-        &self.program
-    }
-
-    pub fn program_id(&self) -> Result<u32> {
-        Ok(self.program.info()?.id())
-    }
-
-    /// Makes the XDP attachments match `interfaces`: adopts links that already run this program,
-    /// swaps the program atomically into links that run an older build, attaches new interfaces
-    /// and detaches interfaces no longer configured.
-    pub fn sync_attachments(&mut self, interfaces: &[Interface]) -> Result<Vec<AttachedProgram>> {
-        let program_id = self.program_id()?;
-        let mut attached = BTreeMap::new();
-        for iface in interfaces {
-            let hook = format!("xdp-{}", iface.xdp_mode);
-            let pin = self.pins.link(&iface.name, &hook);
-            remove_other_hooks(&self.pins.links().join(&iface.name), &hook, "xdp-")?;
-            let origin = self.attach_interface(iface, &pin, program_id)?;
-            attached.insert(
-                iface.name.clone(),
-                AttachedProgram {
-                    program: LB_PROGRAM.into(),
-                    interface: iface.name.clone(),
-                    attach: format!("xdp/{}", iface.xdp_mode),
-                    program_id,
-                    origin: origin.to_string(),
-                },
-            );
+        match &self.programs[LB_PROGRAM].handle {
+            Handle::Xdp(p) => p,
+            Handle::Tc(_) => unreachable!("{LB_PROGRAM} is an XDP program"),
         }
-        // Interfaces dropped from the config: unpinning the link detaches the program.
+    }
+
+    /// Makes the attachments match `wanted`: adopts links that already run the right program,
+    /// swaps the program atomically into links that run an older build, attaches what is new,
+    /// and unpins (so detaches) every link gatewayd pinned that is no longer wanted.
+    pub fn sync_attachments(&mut self, wanted: &[Attachment]) -> Result<Vec<AttachedProgram>> {
+        let mut attached = Vec::new();
+        let mut keep = BTreeSet::new();
+        for a in wanted {
+            let program = self
+                .programs
+                .get_mut(a.program)
+                .ok_or_else(|| anyhow!("unknown program {}", a.program))?;
+            let pin = self.pins.link(&a.interface, &a.hook.pin_name(a.program));
+            if let Hook::Xdp(_) = a.hook {
+                // Another mode's XDP link on this interface: it must go before ours can attach.
+                remove_pins(&self.pins.links().join(&a.interface), |name| {
+                    name.starts_with("xdp-")
+                        && *name != *pin.file_name().unwrap_or_default().to_string_lossy()
+                })?;
+            }
+            let origin = sync_link(program, &a.interface, a.hook, &pin)?;
+            keep.insert(pin);
+            attached.push(AttachedProgram {
+                program: a.program.into(),
+                interface: a.interface.clone(),
+                attach: a.hook.describe(),
+                program_id: program.id()?,
+                origin: origin.to_string(),
+            });
+        }
+        // Links no longer wanted (interface or feature removed): unpinning detaches them.
         if let Ok(dirs) = std::fs::read_dir(self.pins.links()) {
             for dir in dirs.flatten() {
-                let name = dir.file_name().to_string_lossy().into_owned();
-                if !attached.contains_key(&name) && is_ours_xdp(&dir.path()) {
-                    info!(interface = name, "detaching XDP: interface no longer configured");
-                    remove_other_hooks(&dir.path(), "", "xdp-")?;
-                    let _ = std::fs::remove_dir(dir.path());
+                let unwanted = |name: &str| !keep.contains(&dir.path().join(name));
+                if remove_pins(&dir.path(), unwanted)? > 0 {
+                    info!(interface = %dir.file_name().to_string_lossy(), "detached programs no longer configured there");
                 }
+                let _ = std::fs::remove_dir(dir.path());
             }
         }
         self.remove_stale_program_pins()?;
         self.attached = attached;
-        Ok(self.attached.values().cloned().collect())
+        Ok(self.attached.clone())
     }
 
     pub fn attached(&self) -> Vec<AttachedProgram> {
-        self.attached.values().cloned().collect()
-    }
-
-    fn attach_interface(&mut self, iface: &Interface, pin: &Path, program_id: u32) -> Result<Origin> {
-        let ifindex = nix::net::if_::if_nametoindex(iface.name.as_str())
-            .with_context(|| format!("interface {}", iface.name))?;
-        if pin.exists() {
-            let live = pinned_xdp_link_ifindex(pin)? == ifindex;
-            let link = PinnedLink::from_pin(pin).with_context(|| format!("opening {}", pin.display()))?;
-            let link = FdLink::from(link);
-            let info = link.info()?;
-            if live && info.program_id() == program_id {
-                info!(interface = iface.name, program_id, "adopted the pinned XDP link");
-                return Ok(self.origin);
-            }
-            if live {
-                let xdp_link = aya::programs::xdp::XdpLink::try_from(link)?;
-                let id = self
-                    .program
-                    .attach_to_link(xdp_link)
-                    .context("replacing the program in the link")?;
-                // The program keeps the link fd; the pin keeps the link itself.
-                let _ = self.program.take_link(id)?;
-                info!(
-                    interface = iface.name,
-                    old = info.program_id(),
-                    new = program_id,
-                    "upgraded the program in the pinned XDP link"
-                );
-                return Ok(Origin::Loaded);
-            }
-            warn!(
-                interface = iface.name,
-                "pinned XDP link belongs to a vanished interface; re-attaching"
-            );
-            std::fs::remove_file(pin)?;
-        }
-        let id = self
-            .program
-            .attach_to_if_index(ifindex, aya_mode(iface.xdp_mode))
-            .map_err(|e| attach_error(e, &iface.name, iface.xdp_mode))?;
-        let link = self.program.take_link(id)?;
-        let fd_link = FdLink::try_from(link).map_err(|_| {
-            anyhow!("interface {}: the kernel attached XDP through netlink, not a bpf_link, so it cannot be pinned for hitless restarts (kernel older than 5.9?)", iface.name)
-        })?;
-        std::fs::create_dir_all(pin.parent().expect("link pin has a parent"))?;
-        fd_link
-            .pin(pin)
-            .with_context(|| format!("pinning {}", pin.display()))?;
-        info!(interface = iface.name, mode = %iface.xdp_mode, program_id, "attached XDP program");
-        Ok(Origin::Loaded)
+        self.attached.clone()
     }
 
     /// Program pins of other builds: once no link uses them, unpinning frees them.
     fn remove_stale_program_pins(&self) -> Result<()> {
-        let current = format!("{LB_PROGRAM}@{:016x}", object_hash(objects::LB));
+        let current: Vec<String> = self
+            .programs
+            .values()
+            .map(|p| {
+                format!(
+                    "{}{:016x}",
+                    p.pin_prefix,
+                    object_hash(if p.name == LB_PROGRAM {
+                        objects::LB
+                    } else {
+                        objects::EGRESS
+                    })
+                )
+            })
+            .collect();
         for entry in std::fs::read_dir(self.pins.progs())?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(&format!("{LB_PROGRAM}@")) && name != current {
+            if self.programs.values().any(|p| name.starts_with(&p.pin_prefix)) && !current.contains(&name) {
                 info!(pin = name, "removing the pin of a previous build's program");
                 std::fs::remove_file(entry.path())?;
             }
         }
         Ok(())
     }
+}
+
+/// Brings one pinned link in line with `program`: adopted, upgraded in place, or attached.
+fn sync_link(program: &mut Program, interface: &str, hook: Hook, pin: &Path) -> Result<Origin> {
+    let ifindex =
+        nix::net::if_::if_nametoindex(interface).with_context(|| format!("interface {interface}"))?;
+    let program_id = program.id()?;
+    if pin.exists() {
+        let live = pinned_link_ifindex(pin)? == ifindex;
+        let link =
+            FdLink::from(PinnedLink::from_pin(pin).with_context(|| format!("opening {}", pin.display()))?);
+        let old = link.info()?.program_id();
+        if live && old == program_id {
+            info!(
+                interface,
+                program = program.name,
+                program_id,
+                "adopted the pinned link"
+            );
+            return Ok(program.origin);
+        }
+        if live {
+            program
+                .replace(link)
+                .context("replacing the program in the link")?;
+            info!(
+                interface,
+                program = program.name,
+                old,
+                new = program_id,
+                "upgraded the program in the pinned link"
+            );
+            return Ok(Origin::Loaded);
+        }
+        warn!(
+            interface,
+            program = program.name,
+            "pinned link belongs to a vanished interface; re-attaching"
+        );
+        std::fs::remove_file(pin)?;
+    }
+    let link = program.attach(interface, ifindex, hook)?;
+    std::fs::create_dir_all(pin.parent().expect("link pin has a parent"))?;
+    link.pin(pin)
+        .with_context(|| format!("pinning {}", pin.display()))?;
+    info!(
+        interface,
+        program = program.name,
+        hook = hook.describe(),
+        program_id,
+        "attached"
+    );
+    Ok(Origin::Loaded)
 }
 
 impl std::fmt::Display for Origin {
@@ -283,28 +468,20 @@ impl std::fmt::Display for Origin {
     }
 }
 
-fn is_ours_xdp(dir: &Path) -> bool {
-    std::fs::read_dir(dir)
-        .map(|it| {
-            it.flatten()
-                .any(|e| e.file_name().to_string_lossy().starts_with("xdp-"))
-        })
-        .unwrap_or(false)
-}
-
-/// Unpins (and so detaches) every `prefix*` hook in `dir` except `keep`.
-fn remove_other_hooks(dir: &Path, keep: &str, prefix: &str) -> Result<()> {
+/// Unpins (and so detaches) the links in `dir` whose names match; returns how many.
+fn remove_pins(dir: &Path, matches: impl Fn(&str) -> bool) -> Result<usize> {
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(());
+        return Ok(0);
     };
+    let mut removed = 0;
     for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with(prefix) && name != keep {
-            info!(pin = %entry.path().display(), "detaching: attach mode changed or interface removed");
+        if matches(&entry.file_name().to_string_lossy()) {
+            info!(pin = %entry.path().display(), "detaching");
             std::fs::remove_file(entry.path())?;
+            removed += 1;
         }
     }
-    Ok(())
+    Ok(removed)
 }
 
 fn aya_mode(mode: XdpMode) -> AyaXdpMode {
@@ -334,15 +511,11 @@ fn attach_error(e: ProgramError, iface: &str, mode: XdpMode) -> anyhow::Error {
     }
 }
 
-fn verifier_error(e: ProgramError) -> anyhow::Error {
-    anyhow!("the kernel rejected the XDP program: {e}")
-}
-
-/// The ifindex a pinned XDP link is attached to; 0 once its interface is gone.
+/// The ifindex a pinned XDP or tcx link is attached to; 0 once its interface is gone.
 ///
 /// aya exposes neither the link fd nor the XDP part of `bpf_link_info`, so this asks the kernel
 /// directly: BPF_OBJ_GET on the pin, then BPF_OBJ_GET_INFO_BY_FD.
-fn pinned_xdp_link_ifindex(pin: &Path) -> Result<u32> {
+fn pinned_link_ifindex(pin: &Path) -> Result<u32> {
     use std::os::fd::{FromRawFd, OwnedFd};
     use std::os::unix::ffi::OsStrExt;
     const BPF_OBJ_GET: libc::c_long = 7;
@@ -353,7 +526,8 @@ fn pinned_xdp_link_ifindex(pin: &Path) -> Result<u32> {
         bpf_fd: u32,
         file_flags: u32,
     }
-    /// `struct bpf_link_info`: type, id, prog_id, then a union whose XDP member is the ifindex.
+    /// `struct bpf_link_info`: type, id, prog_id, then a union whose XDP and tcx members both
+    /// start with the ifindex.
     #[repr(C)]
     #[derive(Default)]
     struct LinkInfo {
@@ -361,7 +535,7 @@ fn pinned_xdp_link_ifindex(pin: &Path) -> Result<u32> {
         id: u32,
         prog_id: u32,
         _pad: u32,
-        xdp_ifindex: u32,
+        ifindex: u32,
         _rest: [u32; 15],
     }
     #[repr(C)]
@@ -409,7 +583,47 @@ fn pinned_xdp_link_ifindex(pin: &Path) -> Result<u32> {
         return Err(std::io::Error::last_os_error())
             .with_context(|| format!("reading link info of {}", pin.display()));
     }
-    Ok(info.xdp_ifindex)
+    Ok(info.ifindex)
+}
+
+/// Takes a typed map out of a loaded object (the reconcilers own their maps).
+pub(crate) fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &str,
+) -> Result<T> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the object"))?;
+    T::try_from(map).with_context(|| format!("map {name}"))
+}
+
+/// Opens a typed handle on a pinned map: readers (counters, events, scrapes) get their own.
+pub(crate) fn open_pinned_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    maps_dir: &Path,
+    name: &str,
+) -> Result<T> {
+    let path = maps_dir.join(name);
+    let data = aya::maps::MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    T::try_from(aya::maps::Map::from_map_data(data)?).with_context(|| format!("map {name}"))
+}
+
+/// A delete of a key that is already gone is not an error: the state is what was wanted.
+pub(crate) fn ignore_missing(result: Result<(), aya::maps::MapError>) -> Result<()> {
+    match result {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(())
+        }
+        other => Ok(other?),
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of bpf_ktime_get_ns(), which stamps NAT entries
+/// and flow events.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
 }
 
 /// A stable hash of an embedded object: names the program pin, so a restart of the same build
@@ -570,7 +784,7 @@ pub fn detach_decap(bpffs: &Path, interface: Option<&str>) -> Result<()> {
             .unwrap_or_default(),
     };
     for dir in dirs {
-        remove_other_hooks(&dir, "", "tcx-ingress-decap")?;
+        remove_pins(&dir, |name| name == "tcx-ingress-decap")?;
         let _ = std::fs::remove_dir(&dir);
     }
     Ok(())
@@ -587,7 +801,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("gatewayd-btf-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut types = Vec::new();
-        for (name, object) in [("lb.o", objects::LB), ("decap.o", objects::DECAP)] {
+        for (name, object) in [
+            ("lb.o", objects::LB),
+            ("decap.o", objects::DECAP),
+            ("egress.o", objects::EGRESS),
+        ] {
             let path = dir.join(name);
             std::fs::write(&path, object).unwrap();
             let out = std::process::Command::new("bpftool")

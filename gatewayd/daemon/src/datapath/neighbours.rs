@@ -7,7 +7,7 @@
 //! Linux 5.16+) is resolved and refreshed by the kernel on its own, so the datapath finds the
 //! MAC from the first packet on.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::neighbour::{
     NeighbourAttribute, NeighbourExtFlags, NeighbourFlags, NeighbourState,
@@ -31,14 +31,11 @@ pub struct Neighbours {
 }
 
 impl Neighbours {
-    /// Opens a netlink connection served by the current tokio runtime.
-    pub fn new() -> Result<Self> {
-        let (connection, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
-        tokio::spawn(connection);
-        Ok(Neighbours {
+    pub fn new(handle: Handle) -> Self {
+        Neighbours {
             handle,
             managed: BTreeSet::new(),
-        })
+        }
     }
 
     /// Makes the managed entries match the next hops of `backends`: adds the missing ones and

@@ -1,3 +1,5 @@
-//! Egress gateway logic that needs no kernel: compiling policies into the datapath's tries.
+//! The egress gateway: policies compiled into the datapath's lookup tries (pure, `plan`) and
+//! run against the maps, addresses and NAT table (`gateway`).
 
+pub mod gateway;
 pub mod plan;

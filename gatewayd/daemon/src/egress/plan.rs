@@ -48,7 +48,7 @@ pub enum EgressOp {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CompileError {
-    #[error("egress policy {policy:?}: no egress address (interface {interface:?} has none of that family)")]
+    #[error("egress policy {policy:?}: no egress_ip, and interface {interface:?} has no address")]
     NoEgressAddress { policy: String, interface: String },
     #[error("destination {prefix} is claimed by {count} policies; at most {MAX_CANDIDATES} may overlap")]
     TooManyCandidates { prefix: IpNet, count: usize },
@@ -67,10 +67,7 @@ pub fn compile(
     for policy in policies {
         let ip = egress_ip(policy).ok_or_else(|| CompileError::NoEgressAddress {
             policy: policy.name.clone(),
-            interface: match &policy.target {
-                crate::model::EgressTarget::Interface(i) => i.clone(),
-                crate::model::EgressTarget::Ip(ip) => ip.to_string(),
-            },
+            interface: policy.interface.clone(),
         })?;
         let policy_id = match previous.policies.get(&policy.name) {
             Some(p) => p.policy_id,
@@ -188,7 +185,6 @@ pub fn diff(old: &Compiled, new: &Compiled) -> Vec<EgressOp> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::EgressTarget;
 
     fn policy(name: &str, sources: &[&str], dsts: &[&str], excluded: &[&str], ip: &str) -> EgressPolicy {
         let nets = |v: &[&str]| v.iter().map(|s| s.parse().unwrap()).collect();
@@ -197,15 +193,13 @@ mod tests {
             source_cidrs: nets(sources),
             destination_cidrs: nets(dsts),
             excluded_cidrs: nets(excluded),
-            target: EgressTarget::Ip(ip.parse().unwrap()),
+            interface: "eth1".into(),
+            egress_ip: Some(ip.parse().unwrap()),
         }
     }
 
     fn resolve(p: &EgressPolicy) -> Option<IpAddr> {
-        match &p.target {
-            EgressTarget::Ip(ip) => Some(*ip),
-            EgressTarget::Interface(_) => None,
-        }
+        p.egress_ip
     }
 
     fn net(s: &str) -> IpNet {
@@ -262,7 +256,7 @@ mod tests {
         let a = policy("a", &["10.244.0.0/16"], &["203.0.113.0/24"], &[], "192.0.2.1");
         let b = policy("b", &["10.245.0.0/16"], &["198.51.100.0/24"], &[], "192.0.2.2");
         let first = compile(&[a.clone(), b.clone()], resolve, &Compiled::default()).unwrap();
-        let second = compile(&[b.clone()], resolve, &first).unwrap();
+        let second = compile(std::slice::from_ref(&b), resolve, &first).unwrap();
         assert_eq!(second.policies["b"].policy_id, first.policies["b"].policy_id);
         let ops = diff(&first, &second);
         assert_eq!(

@@ -1,0 +1,89 @@
+//! Egress addresses: each policy's `egress_ip` is assigned to its egress interface (as a /32 or
+//! /128), so the upstream router's ARP/ND finds this gateway for the replies. Only addresses
+//! gatewayd added are removed when no policy needs them any more; an address the operator
+//! configured stays.
+
+use anyhow::{Context, Result};
+use futures_util::TryStreamExt;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressHeaderFlags};
+use rtnetlink::Handle;
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use tracing::{info, warn};
+
+pub struct EgressAddresses {
+    handle: Handle,
+    /// (interface, address) pairs gatewayd assigned.
+    added: BTreeSet<(String, IpAddr)>,
+}
+
+impl EgressAddresses {
+    pub fn new(handle: Handle) -> Self {
+        EgressAddresses {
+            handle,
+            added: BTreeSet::new(),
+        }
+    }
+
+    /// Assigns every wanted address that is missing and removes the ones gatewayd added that are
+    /// no longer wanted. Failures are logged: the policy is programmed either way.
+    pub async fn sync(&mut self, wanted: BTreeSet<(String, IpAddr)>) {
+        for (interface, ip) in &wanted {
+            match self.ensure(interface, *ip).await {
+                Ok(true) => {
+                    info!(%ip, interface, "assigned egress address");
+                    self.added.insert((interface.clone(), *ip));
+                }
+                Ok(false) => {}
+                Err(e) => warn!(%ip, interface, "cannot assign egress address: {e:#}"),
+            }
+        }
+        for (interface, ip) in self.added.difference(&wanted).cloned().collect::<Vec<_>>() {
+            if let Err(e) = self.remove(&interface, ip).await {
+                warn!(%ip, interface, "cannot remove egress address: {e:#}");
+            } else {
+                info!(%ip, interface, "removed egress address no policy uses");
+            }
+            self.added.remove(&(interface, ip));
+        }
+    }
+
+    /// Adds `ip` to `interface` unless it is there; true when gatewayd added it.
+    async fn ensure(&self, interface: &str, ip: IpAddr) -> Result<bool> {
+        let index =
+            nix::net::if_::if_nametoindex(interface).with_context(|| format!("interface {interface}"))?;
+        let mut existing = self.handle.address().get().set_link_index_filter(index).execute();
+        while let Some(msg) = existing.try_next().await? {
+            if msg
+                .attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Address(a) if *a == ip))
+            {
+                return Ok(false);
+            }
+        }
+        let prefix = if ip.is_ipv4() { 32 } else { 128 };
+        let mut add = self.handle.address().add(index, ip, prefix);
+        if ip.is_ipv6() {
+            // No duplicate address detection: the address must answer ND at once.
+            add.message_mut().header.flags = AddressHeaderFlags::Nodad;
+        }
+        add.execute().await?;
+        Ok(true)
+    }
+
+    async fn remove(&self, interface: &str, ip: IpAddr) -> Result<()> {
+        let index = nix::net::if_::if_nametoindex(interface)?;
+        let mut existing = self.handle.address().get().set_link_index_filter(index).execute();
+        while let Some(msg) = existing.try_next().await? {
+            if msg
+                .attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Address(a) if *a == ip))
+            {
+                self.handle.address().del(msg).execute().await?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,263 @@
+//! The egress gateway at run time: policies compiled and written to the maps, egress addresses
+//! assigned, NAT entries expired, and what `gatewayctl egress list` / `nat list` show.
+
+use super::plan::{self, Compiled, EgressOp};
+use crate::config::EgressSettings;
+use crate::datapath::addresses::EgressAddresses;
+use crate::datapath::egress_maps::EgressMaps;
+use crate::datapath::lb_maps::interface_address;
+use crate::datapath::{monotonic_ns, Attachment, Hook, RNAT_PROGRAM, SNAT_PROGRAM};
+use crate::metrics::PolicyLabels;
+use crate::model::EgressPolicy;
+use anyhow::{Context, Result};
+use gatewayd_common::api;
+use gatewayd_common::maps::{addr_from_bytes, FlowKey, NatEntry, IPPROTO_TCP, IPPROTO_UDP};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use tracing::{info, warn};
+
+pub struct EgressGateway {
+    maps: EgressMaps,
+    programmed: Compiled,
+    addresses: EgressAddresses,
+    /// Policy name -> id, so a restarted daemon keeps ids (NAT entries and counters refer to
+    /// them). The maps cannot hold names.
+    state_file: PathBuf,
+    /// Policies whose NAT entries the next collection deletes (removed, or new egress address).
+    dead: Vec<u32>,
+}
+
+/// The SNAT address of a policy: its egress_ip, or its interface's first address of the
+/// family its destinations have.
+fn egress_ip(p: &EgressPolicy) -> Option<IpAddr> {
+    let v6 = p.destination_cidrs.first().is_some_and(|d| d.addr().is_ipv6());
+    p.egress_ip.or_else(|| interface_address(&p.interface, v6))
+}
+
+impl EgressGateway {
+    pub fn new(maps: EgressMaps, addresses: EgressAddresses, state_dir: &std::path::Path) -> Result<Self> {
+        let state_file = state_dir.join("egress-policy-ids.json");
+        let names: BTreeMap<String, u32> = match std::fs::read(&state_file) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).with_context(|| format!("reading {}", state_file.display()))?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", state_file.display())),
+        };
+        let programmed = maps.recover(&names)?;
+        if !programmed.policies.is_empty() {
+            info!(
+                policies = programmed.policies.len(),
+                "adopted egress policies programmed by a previous daemon"
+            );
+        }
+        Ok(EgressGateway {
+            maps,
+            programmed,
+            addresses,
+            state_file,
+            dead: Vec::new(),
+        })
+    }
+
+    /// Compiles `policies` without touching anything: an error here rejects the configuration.
+    pub fn plan(&self, policies: &[EgressPolicy]) -> Result<(Compiled, Vec<EgressOp>)> {
+        let compiled = plan::compile(policies, egress_ip, &self.programmed)?;
+        let ops = plan::diff(&self.programmed, &compiled);
+        Ok((compiled, ops))
+    }
+
+    /// Writes a plan from [`Self::plan`].
+    pub fn apply(&mut self, compiled: Compiled, ops: &[EgressOp], settings: &EgressSettings) -> Result<()> {
+        self.maps.set_settings(settings)?;
+        if let Err(e) = self.maps.apply(ops) {
+            let names = self
+                .programmed
+                .policies
+                .iter()
+                .map(|(n, p)| (n.clone(), p.policy_id))
+                .collect();
+            self.programmed = self.maps.recover(&names).unwrap_or_default();
+            return Err(e);
+        }
+        // Flows of a removed policy, or of one whose address changed, must not keep translating.
+        for (name, old) in &self.programmed.policies {
+            if compiled
+                .policies
+                .get(name)
+                .is_none_or(|new| new.egress_ip != old.egress_ip)
+            {
+                self.dead.push(old.policy_id);
+            }
+        }
+        if !ops.is_empty() {
+            info!(
+                operations = ops.len(),
+                policies = compiled.policies.len(),
+                "egress maps updated"
+            );
+        }
+        self.programmed = compiled;
+        let names: BTreeMap<&String, u32> = self
+            .programmed
+            .policies
+            .iter()
+            .map(|(n, p)| (n, p.policy_id))
+            .collect();
+        if let Some(dir) = self.state_file.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&self.state_file, serde_json::to_vec_pretty(&names)?)
+            .with_context(|| format!("writing {}", self.state_file.display()))?;
+        Ok(())
+    }
+
+    /// SNAT at egress and reverse NAT at ingress of every interface a policy leaves by.
+    pub fn attachments(policies: &[EgressPolicy]) -> Vec<Attachment> {
+        let interfaces: BTreeSet<&String> = policies.iter().map(|p| &p.interface).collect();
+        interfaces
+            .into_iter()
+            .flat_map(|i| {
+                [
+                    Attachment {
+                        interface: i.clone(),
+                        hook: Hook::TcxEgress,
+                        program: SNAT_PROGRAM,
+                    },
+                    Attachment {
+                        interface: i.clone(),
+                        hook: Hook::TcxIngress,
+                        program: RNAT_PROGRAM,
+                    },
+                ]
+            })
+            .collect()
+    }
+
+    /// Assigns the policies' explicit egress addresses to their interfaces.
+    pub async fn sync_addresses(&mut self, policies: &[EgressPolicy]) {
+        let wanted = policies
+            .iter()
+            .filter_map(|p| Some((p.interface.clone(), p.egress_ip?)))
+            .collect();
+        self.addresses.sync(wanted).await;
+    }
+
+    /// Deletes expired NAT entries and those of dead policies; returns the live entries left.
+    pub fn collect_garbage(&mut self) -> usize {
+        let dead = std::mem::take(&mut self.dead);
+        let (deleted, live) = self.maps.collect_garbage(monotonic_ns(), &dead);
+        if !dead.is_empty() || deleted > 0 {
+            tracing::debug!(deleted, live, "NAT garbage collection");
+        }
+        live
+    }
+
+    /// Metric labels of every programmed policy, by id.
+    pub fn policy_labels(&self) -> BTreeMap<u32, PolicyLabels> {
+        self.programmed
+            .policies
+            .iter()
+            .map(|(name, p)| {
+                (
+                    p.policy_id,
+                    PolicyLabels {
+                        policy: name.clone(),
+                        egress_ip: p.egress_ip.to_string(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    pub fn nat_capacity(&self) -> u32 {
+        self.maps.nat_capacity()
+    }
+
+    pub fn list(&self, policies: &[EgressPolicy]) -> Vec<api::EgressPolicyStatus> {
+        policies
+            .iter()
+            .filter_map(|p| {
+                let compiled = self.programmed.policies.get(&p.name)?;
+                let c = self.maps.counters(compiled.policy_id).unwrap_or_else(|e| {
+                    warn!(policy = p.name, "reading egress counters: {e:#}");
+                    Default::default()
+                });
+                Some(api::EgressPolicyStatus {
+                    name: p.name.clone(),
+                    policy_id: compiled.policy_id,
+                    egress_ip: compiled.egress_ip.to_string(),
+                    interface: p.interface.clone(),
+                    source_cidrs: p.source_cidrs.iter().map(|n| n.to_string()).collect(),
+                    destination_cidrs: p.destination_cidrs.iter().map(|n| n.to_string()).collect(),
+                    excluded_cidrs: p.excluded_cidrs.iter().map(|n| n.to_string()).collect(),
+                    packets_out: c.packets_out,
+                    bytes_out: c.bytes_out,
+                    packets_in: c.packets_in,
+                    bytes_in: c.bytes_in,
+                    new_flows: c.new_flows,
+                    nat_failures: c.nat_failures,
+                })
+            })
+            .collect()
+    }
+
+    pub fn translations(&self) -> Vec<api::NatTranslation> {
+        let now = monotonic_ns();
+        let names: BTreeMap<u32, &String> = self
+            .programmed
+            .policies
+            .iter()
+            .map(|(n, p)| (p.policy_id, n))
+            .collect();
+        let mut out: Vec<api::NatTranslation> = self
+            .maps
+            .translations(now)
+            .into_iter()
+            .map(|t| {
+                translation(
+                    &t.key,
+                    &t.entry,
+                    now,
+                    names.get(&t.entry.policy_id).map(|s| s.as_str()),
+                )
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.source, a.source_port).cmp(&(&b.source, b.source_port)));
+        out
+    }
+}
+
+fn translation(k: &FlowKey, e: &NatEntry, now: u64, policy: Option<&str>) -> api::NatTranslation {
+    let ip = |a: &[u8; 16]| {
+        addr_from_bytes(a, k.family)
+            .map(|ip| ip.to_string())
+            .unwrap_or_default()
+    };
+    let secs = |ns: u64| ns / 1_000_000_000;
+    api::NatTranslation {
+        protocol: match k.proto {
+            IPPROTO_TCP => "tcp".into(),
+            IPPROTO_UDP => "udp".into(),
+            1 | 58 => "icmp".into(),
+            p => p.to_string(),
+        },
+        source: ip(&k.src),
+        source_port: u16::from_be(k.sport),
+        destination: ip(&k.dst),
+        destination_port: u16::from_be(k.dport),
+        egress_ip: ip(&e.addr),
+        egress_port: u16::from_be(e.port),
+        state: match e.state {
+            gatewayd_common::maps::NAT_TCP_SYN_SENT => "syn-sent",
+            gatewayd_common::maps::NAT_TCP_ESTABLISHED => "established",
+            gatewayd_common::maps::NAT_TCP_CLOSING => "closing",
+            _ => "open",
+        }
+        .into(),
+        policy: policy.unwrap_or_default().into(),
+        age_seconds: secs(now.saturating_sub(e.created_ns)),
+        expires_in_seconds: secs(e.expires_ns.saturating_sub(now)),
+    }
+}
