@@ -636,7 +636,7 @@ fn clients_outside_source_ranges_get_nothing() -> Result<()> {
 
     // The other one gets nothing: its SYNs are dropped at the gateway, and an operator
     // watching drops sees why.
-    let mut observe = std::process::Command::new(binary("gatewayctl"))
+    let observe = std::process::Command::new(binary("gatewayctl"))
         .arg("--socket")
         .arg(lab.scratch.socket())
         .args([

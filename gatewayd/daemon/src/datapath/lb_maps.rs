@@ -1,7 +1,7 @@
 //! The load balancer's maps: executing reconcile operations, recovering the programmed state
 //! from maps a previous daemon left pinned, and reading counters.
 
-use super::{ignore_missing, open_pinned_map, take_map};
+use super::{ignore_missing, open_pinned_map, take_map, update_batch};
 use crate::lb::reconcile::{LbOp, Programmed, ProgrammedBackend, ProgrammedService};
 use crate::model::{BackendState, ServiceKey};
 use anyhow::{Context, Result};
@@ -20,6 +20,8 @@ const BPF_F_INNER_MAP: u32 = 1 << 12;
 pub struct LbMaps {
     services: HashMap<MapData, VipKey, Service>,
     maglev: HashOfMaps<MapData, u32, Array<MapData, u32>>,
+    /// A second handle on `gd_maglev` for batched swaps (the typed one exposes no fd).
+    maglev_swap: MapData,
     backends: Array<MapData, Backend>,
     source_ranges: LpmTrie<MapData, SourceRangeData, u8>,
     settings: Array<MapData, LbSettings>,
@@ -46,6 +48,7 @@ impl LbMaps {
         Ok(LbMaps {
             services: take_map(ebpf, "gd_services")?,
             maglev: take_map(ebpf, "gd_maglev")?,
+            maglev_swap: MapData::from_pin(maps_dir.join("gd_maglev"))?,
             backends: take_map(ebpf, "gd_backends")?,
             source_ranges: take_map(ebpf, "gd_src_ranges")?,
             settings: take_map(ebpf, "gd_lb_settings")?,
@@ -60,10 +63,43 @@ impl LbMaps {
     }
 
     pub fn apply(&mut self, ops: &[LbOp]) -> Result<()> {
-        for op in ops {
+        let mut rest = ops;
+        while let Some(op) = rest.first() {
+            // The planner puts all Maglev swaps of a plan next to each other: write them as
+            // batches, since every single swap waits for an RCU grace period.
+            let run = rest
+                .iter()
+                .take_while(|o| matches!(o, LbOp::PutMaglev { .. }))
+                .count();
+            if run > 0 {
+                for chunk in rest[..run].chunks(1024) {
+                    self.put_tables(chunk)
+                        .with_context(|| format!("swapping {} Maglev tables", chunk.len()))?;
+                }
+                rest = &rest[run..];
+                continue;
+            }
             self.apply_one(op).with_context(|| format!("applying {op:?}"))?;
+            rest = &rest[1..];
         }
         Ok(())
+    }
+
+    /// Fills one fresh inner map per table, then swaps them all into `gd_maglev` at once.
+    fn put_tables(&mut self, ops: &[LbOp]) -> Result<()> {
+        use std::os::fd::{AsFd, AsRawFd};
+        // The new tables stay open until the outer map holds them.
+        let mut tables = Vec::with_capacity(ops.len());
+        let mut service_ids = Vec::with_capacity(ops.len());
+        for op in ops {
+            let LbOp::PutMaglev { service_id, table } = op else {
+                unreachable!("a run of PutMaglev")
+            };
+            tables.push(new_table(table)?);
+            service_ids.push(*service_id);
+        }
+        let fds: Vec<u32> = tables.iter().map(|t| t.fd().as_fd().as_raw_fd() as u32).collect();
+        update_batch(self.maglev_swap.fd().as_fd(), &service_ids, &fds)
     }
 
     fn apply_one(&mut self, op: &LbOp) -> Result<()> {
@@ -71,16 +107,7 @@ impl LbMaps {
             LbOp::ResetServiceStats { service_id } => zero(&mut self.service_stats, *service_id)?,
             LbOp::ResetBackendStats { backend_id } => zero(&mut self.backend_stats, *backend_id)?,
             LbOp::PutBackend { backend_id, value } => self.backends.set(*backend_id, value, 0)?,
-            LbOp::PutMaglev { service_id, table } => {
-                // Slot 0 holds the table size, slots 1..=size the backend ids (xdp/README.md).
-                let size = table.len().max(1) as u32;
-                let mut inner = Array::<MapData, u32>::create(size + 1, BPF_F_INNER_MAP)?;
-                inner.set(0, table.len() as u32, 0)?;
-                for (i, id) in table.iter().enumerate() {
-                    inner.set(i as u32 + 1, id, 0)?;
-                }
-                self.maglev.insert(service_id, &inner, 0)?;
-            }
+            LbOp::PutMaglev { .. } => self.put_tables(std::slice::from_ref(op))?,
             LbOp::PutSourceRange { service_id, range } => {
                 self.source_ranges.insert(&range_key(*service_id, range), 1, 0)?
             }
@@ -212,6 +239,25 @@ impl LbCounters {
     pub fn flow_capacity(&self) -> u32 {
         self.flow_capacity
     }
+}
+
+/// A Maglev table as an inner map: slot 0 holds the table size, slots 1..=size the backend ids
+/// (xdp/README.md).
+fn new_table(table: &[u32]) -> Result<MapData> {
+    use std::os::fd::AsFd;
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    let size = table.len().max(1) as u32;
+    let inner = MapData::create(
+        aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, 4, size + 1, BPF_F_INNER_MAP),
+        "gd_maglev_tbl",
+        None,
+    )?;
+    let values: Vec<u32> = std::iter::once(table.len() as u32)
+        .chain(table.iter().copied())
+        .collect();
+    let slots: Vec<u32> = (0..values.len() as u32).collect();
+    update_batch(inner.fd().as_fd(), &slots, &values)?;
+    Ok(inner)
 }
 
 fn service_key(key: &VipKey) -> Option<ServiceKey> {

@@ -607,6 +607,57 @@ pub(crate) fn open_pinned_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapE
     T::try_from(aya::maps::Map::from_map_data(data)?).with_context(|| format!("map {name}"))
 }
 
+/// BPF_MAP_UPDATE_BATCH of u32 keys and u32 values (aya has no batch operations). One call
+/// waits for at most one RCU grace period, where one update per element of a map-in-map waits
+/// for one each (~10 ms).
+pub(crate) fn update_batch(map: std::os::fd::BorrowedFd<'_>, keys: &[u32], values: &[u32]) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    assert_eq!(keys.len(), values.len());
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: map.as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: attr has the kernel's layout and points at live key/value arrays of `count`
+    // elements of the map's key and value sizes (4 bytes each).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &mut attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("BPF_MAP_UPDATE_BATCH");
+    }
+    if attr.count as usize != keys.len() {
+        bail!(
+            "BPF_MAP_UPDATE_BATCH wrote {} of {} elements",
+            attr.count,
+            keys.len()
+        );
+    }
+    Ok(())
+}
+
 /// A delete of a key that is already gone is not an error: the state is what was wanted.
 pub(crate) fn ignore_missing(result: Result<(), aya::maps::MapError>) -> Result<()> {
     match result {

@@ -195,8 +195,16 @@ impl Programmed {
             });
         }
 
-        let mut ops = Vec::new();
+        // Operations by phase. Every service's own order holds (backends, then its table, then
+        // its VIP; stale entries last), and all Maglev swaps of a plan are adjacent, so they
+        // can be written as one batch: each single swap waits for an RCU grace period.
         let mut removals = Vec::new();
+        let mut backend_ops = Vec::new();
+        let mut tables = Vec::new();
+        let mut range_puts = Vec::new();
+        let mut vips = Vec::new();
+        let mut range_deletes = Vec::new();
+        let mut backend_deletes = Vec::new();
         let mut next = Programmed::default();
 
         for (key, old) in &self.services {
@@ -231,11 +239,10 @@ impl Programmed {
                             max: params.max_services,
                         });
                     }
-                    ops.push(LbOp::ResetServiceStats { service_id: id });
+                    backend_ops.push(LbOp::ResetServiceStats { service_id: id });
                     id
                 }
             };
-            let mut stale_backends = Vec::new();
             let mut backends = BTreeMap::new();
             for b in &service.backends {
                 let old_b = old.and_then(|o| o.backends.get(&b.address));
@@ -249,13 +256,13 @@ impl Programmed {
                                 max: params.max_backends,
                             });
                         }
-                        ops.push(LbOp::ResetBackendStats { backend_id: id });
+                        backend_ops.push(LbOp::ResetBackendStats { backend_id: id });
                         id
                     }
                 };
                 if old_b.map(|ob| ob.state) != Some(b.state) {
                     let (addr, family) = maps::addr_bytes(b.address);
-                    ops.push(LbOp::PutBackend {
+                    backend_ops.push(LbOp::PutBackend {
                         backend_id,
                         value: maps::Backend {
                             addr,
@@ -278,7 +285,7 @@ impl Programmed {
             if let Some(o) = old {
                 for (addr, ob) in &o.backends {
                     if !backends.contains_key(addr) {
-                        stale_backends.push(LbOp::DeleteBackend {
+                        backend_deletes.push(LbOp::DeleteBackend {
                             backend_id: ob.backend_id,
                         });
                     }
@@ -305,7 +312,7 @@ impl Programmed {
                     for id in &table {
                         *slots.entry(*id).or_insert(0u32) += 1;
                     }
-                    ops.push(LbOp::PutMaglev { service_id, table });
+                    tables.push(LbOp::PutMaglev { service_id, table });
                     (Some(input), slots)
                 }
             };
@@ -313,25 +320,24 @@ impl Programmed {
             let ranges: BTreeSet<IpNet> = service.source_ranges.iter().copied().collect();
             let old_ranges = old.map(|o| o.source_ranges.clone()).unwrap_or_default();
             for range in ranges.difference(&old_ranges) {
-                ops.push(LbOp::PutSourceRange {
+                range_puts.push(LbOp::PutSourceRange {
                     service_id,
                     range: *range,
                 });
             }
             let value = service_value(service, service_id);
             if old.map(|o| o.value) != Some(value) {
-                ops.push(LbOp::PutService {
+                vips.push(LbOp::PutService {
                     key: vip_key(key),
                     value,
                 });
             }
             for range in old_ranges.difference(&ranges) {
-                ops.push(LbOp::DeleteSourceRange {
+                range_deletes.push(LbOp::DeleteSourceRange {
                     service_id,
                     range: *range,
                 });
             }
-            ops.extend(stale_backends);
 
             next.services.insert(
                 *key,
@@ -347,7 +353,15 @@ impl Programmed {
             );
         }
         // Removed services go first: their VIPs stop before anything else changes.
-        removals.extend(ops);
+        let ops = [
+            backend_ops,
+            tables,
+            range_puts,
+            vips,
+            range_deletes,
+            backend_deletes,
+        ];
+        removals.extend(ops.into_iter().flatten());
         Ok((removals, next))
     }
 }
@@ -450,6 +464,26 @@ mod tests {
         assert_eq!(table.len(), 251);
         assert!(table.iter().all(|id| *id == 1 || *id == 2));
         assert_eq!(s.slots.values().sum::<u32>(), 251);
+    }
+
+    #[test]
+    fn several_services_keep_their_order_and_tables_are_adjacent() {
+        let d = desired(vec![
+            service("a", "10.0.0.1", &[("10.1.0.1", Active)]),
+            service("b", "10.0.0.2", &[("10.2.0.1", Active)]),
+        ]);
+        let (ops, _) = Programmed::default().plan(&d, &PARAMS).unwrap();
+        let first = |f: &dyn Fn(&LbOp) -> bool| ops.iter().position(f).unwrap();
+        let last = |f: &dyn Fn(&LbOp) -> bool| ops.iter().rposition(f).unwrap();
+        let is_table = |o: &LbOp| matches!(o, LbOp::PutMaglev { .. });
+        let is_backend = |o: &LbOp| matches!(o, LbOp::PutBackend { .. });
+        let is_vip = |o: &LbOp| matches!(o, LbOp::PutService { .. });
+        assert_eq!(
+            last(&is_table) - first(&is_table),
+            1,
+            "the two swaps are adjacent: {ops:?}"
+        );
+        assert!(last(&is_backend) < first(&is_table) && last(&is_table) < first(&is_vip));
     }
 
     #[test]
