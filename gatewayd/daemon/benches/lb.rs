@@ -35,7 +35,7 @@ use gatewayd::datapath::Capacities;
 use gatewayd::lb::maglev::{build_table, MaglevBackend};
 use gatewayd::lb::reconcile::LbParams;
 use gatewayd::model::{BackendState, Protocol, Service};
-use gatewayd_common::maps::{FlowKey, LbFlow};
+use gatewayd_common::maps::{FlowEvent, FlowKey, LbFlow, Observe, EVENT_LB_NEW_FLOW};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
@@ -279,6 +279,78 @@ impl Forget<'_> {
     }
 }
 
+/// `gatewayctl observe` as the datapath sees it: the gd_observe flag on, and a reader that
+/// takes every event out of the ring buffer.
+struct Observer {
+    maps: std::rc::Rc<std::cell::RefCell<ObserverMaps>>,
+    /// Whether each run must produce an event (new flows) or none (established flows).
+    expect_event: bool,
+}
+
+/// One reader per ring: a ring-buffer handle keeps its own consumer position, so a second
+/// handle would read again what the first consumed.
+struct ObserverMaps {
+    flag: aya::maps::Array<aya::maps::MapData, Observe>,
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+}
+
+impl Observer {
+    /// Observers of one datapath: one that expects no events, one that expects one per run.
+    fn pair(lb: &Balancer) -> Result<(Self, Self)> {
+        let maps = lb.datapath.pins().maps();
+        let open = |name: &str| -> Result<aya::maps::Map> {
+            Ok(aya::maps::Map::from_map_data(aya::maps::MapData::from_pin(
+                maps.join(name),
+            )?)?)
+        };
+        let shared = std::rc::Rc::new(std::cell::RefCell::new(ObserverMaps {
+            flag: open("gd_observe")?.try_into()?,
+            ring: open("gd_events")?.try_into()?,
+        }));
+        Ok((
+            Observer {
+                maps: shared.clone(),
+                expect_event: false,
+            },
+            Observer {
+                maps: shared,
+                expect_event: true,
+            },
+        ))
+    }
+
+    /// Only while its own rounds run: the other variants of the same datapath stay unobserved.
+    fn set(&mut self, enabled: bool) -> Result<()> {
+        self.maps.borrow_mut().flag.set(
+            0,
+            Observe {
+                enabled: u32::from(enabled),
+                pad: 0,
+            },
+            0,
+        )?;
+        Ok(())
+    }
+
+    /// Consumes what one run wrote (outside the measured time) and checks it: one new-flow
+    /// event for a new flow, nothing for an established one.
+    fn consume(&mut self, pkt: &Pkt) -> Result<()> {
+        let mut events = Vec::new();
+        let mut maps = self.maps.borrow_mut();
+        while let Some(item) = maps.ring.next() {
+            // SAFETY: the datapath writes whole gd_flow_event records; read_unaligned copes
+            // with the ring's alignment.
+            events.push(unsafe { std::ptr::read_unaligned::<FlowEvent>(item.as_ptr().cast()) });
+        }
+        let key = pkt.flow_key();
+        match (events.as_slice(), self.expect_event) {
+            ([ev], true) if ev.kind == EVENT_LB_NEW_FLOW && ev.key == key => Ok(()),
+            ([], false) => Ok(()),
+            (events, _) => bail!("observer: the run for {key:?} produced {events:?}"),
+        }
+    }
+}
+
 /// What a variant feeds a program and expects back.
 struct Variant<'a> {
     name: &'static str,
@@ -297,6 +369,8 @@ struct Variant<'a> {
     samples: Vec<f64>,
     /// Runs left out as interrupted (see `round`).
     outliers: u64,
+    /// Set for the "observer attached" variants.
+    observer: Option<Observer>,
 }
 
 impl<'a> Variant<'a> {
@@ -322,6 +396,7 @@ impl<'a> Variant<'a> {
             action,
             samples: vec![],
             outliers: 0,
+            observer: None,
         }
     }
 
@@ -343,7 +418,13 @@ impl<'a> Variant<'a> {
             action,
             samples: vec![],
             outliers: 0,
+            observer: None,
         }
+    }
+
+    fn observed(mut self, observer: Observer) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     fn forgetting(mut self) -> Result<Self> {
@@ -362,6 +443,9 @@ impl<'a> Variant<'a> {
     /// slowest path measured here takes about 3 us): it is left out of the mean and counted.
     fn round(&mut self, topo: &Topology, rng: &mut Rng, out: &mut [u8], runs: usize) -> Result<f64> {
         let (mut total, mut kept) = (0u64, 0u64);
+        if let Some(o) = &mut self.observer {
+            o.set(true)?;
+        }
         for i in 0..runs {
             let pkt = (self.next)(rng);
             let frame = pkt.frame();
@@ -386,6 +470,12 @@ impl<'a> Variant<'a> {
             if let Some(flows) = &mut self.forget {
                 flows.remove(&pkt.flow_key())?;
             }
+            if let Some(o) = &mut self.observer {
+                o.consume(&pkt)?;
+            }
+        }
+        if let Some(o) = &mut self.observer {
+            o.set(false)?;
         }
         Ok(total as f64 / kept.max(1) as f64)
     }
@@ -748,6 +838,27 @@ fn bench(
                 .forgetting()?,
             );
         }
+        // `gatewayctl observe` attached: what event emission costs the paths that emit
+        // (new flows) and those that do not (established flows).
+        let c = &configs[0];
+        let (quiet, chatty) = Observer::pair(&c.lb)?;
+        v.push(
+            Variant::new("established flow, observer attached", None, c, XDP_TX, |_| {
+                one_flow.clone()
+            })
+            .observed(quiet),
+        );
+        v.push(
+            Variant::new(
+                "new flow, empty table, observer attached",
+                None,
+                c,
+                XDP_TX,
+                move |_| new_flow(0),
+            )
+            .forgetting()?
+            .observed(chatty),
+        );
         v.push(
             Variant::reference("bare LRU insert, empty table", refs.insert, XDP_PASS, move |_| {
                 new_flow(0)

@@ -51,17 +51,23 @@ impl EventHub {
         let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
             .map_err(|e| anyhow::anyhow!("watching the flow event ring buffer: {e}"))?;
         tokio::spawn(async move {
+            // The datapath wakes us once a batch of events waits (waking per event would cost
+            // more than the flow itself); the timer picks up the rest within 100 ms.
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
             loop {
-                let mut guard = match ring.readable_mut().await {
-                    Ok(g) => g,
-                    Err(e) => {
-                        warn!("flow event ring buffer unreadable: {e}");
-                        return;
-                    }
-                };
+                tokio::select! {
+                    r = ring.readable_mut() => match r {
+                        Ok(mut guard) => guard.clear_ready(),
+                        Err(e) => {
+                            warn!("flow event ring buffer unreadable: {e}");
+                            return;
+                        }
+                    },
+                    _ = tick.tick() => {}
+                }
                 let snapshot = metrics.snapshot();
                 let clock = Clock::now();
-                while let Some(item) = guard.get_inner_mut().next() {
+                while let Some(item) = ring.get_mut().next() {
                     if item.len() < std::mem::size_of::<m::FlowEvent>() {
                         continue;
                     }
@@ -71,7 +77,6 @@ impl EventHub {
                     // No receivers is normal between observers.
                     let _ = sender.send(describe(&raw, &snapshot, &clock));
                 }
-                guard.clear_ready();
             }
         });
         Ok(hub)

@@ -30,6 +30,7 @@ static __always_inline void gd_count_reason(__u32 reason, __u64 bytes)
 }
 
 /* Shared by every program that reports flows; see gd_flow_event in gatewayd_maps.h. */
+#define GD_EVENTS_WAKEUP_BYTES (64 * sizeof(struct gd_flow_event))
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 20); /* bytes: 16384 events of 64 bytes */
@@ -72,7 +73,13 @@ static __always_inline void gd_emit_event(__u8 kind, __u16 reason, const struct 
 	ev->reason = reason;
 	ev->kind = kind;
 	ev->pad = 0;
-	bpf_ringbuf_submit(ev, 0);
+	/*
+	 * Waking the reader costs more than the rest of a new flow: wake it only once a batch is
+	 * waiting. The daemon also drains the ring on a short timer, so a trickle is not stuck.
+	 */
+	bpf_ringbuf_submit(ev, bpf_ringbuf_query(&gd_events, BPF_RB_AVAIL_DATA) >= GD_EVENTS_WAKEUP_BYTES
+				       ? BPF_RB_FORCE_WAKEUP
+				       : BPF_RB_NO_WAKEUP);
 }
 
 #endif /* GD_LIB_MAPS_H */
