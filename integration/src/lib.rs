@@ -723,10 +723,16 @@ fn serve_udp(sock: UdpSocket, name: String, stop: Arc<AtomicBool>) -> Result<()>
 /// Sends one line on a connection to a [`BackendServer`] and returns the name of the backend
 /// that answered (the echo is checked).
 pub fn tcp_exchange(stream: &mut TcpStream, message: &str, timeout: Duration) -> Result<String> {
-    stream.set_read_timeout(Some(timeout))?;
     stream
         .write_all(format!("{message}\n").as_bytes())
         .context("sending a request")?;
+    tcp_answer(stream, message, timeout)
+}
+
+/// Reads the answer to a line already sent with `message` (see [`tcp_exchange`]) and returns
+/// the first word of it, the name of the server that answered, once the echo is checked.
+pub fn tcp_answer(stream: &mut TcpStream, message: &str, timeout: Duration) -> Result<String> {
+    stream.set_read_timeout(Some(timeout))?;
     let mut answer = Vec::new();
     let mut byte = [0u8; 1];
     while !answer.ends_with(b"\n") {
@@ -785,7 +791,23 @@ impl Capture {
         let mut child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", ns.name))
             // Immediate mode: packets are written as they come, not a ring block at a time.
-            .args(["tcpdump", "-i", ifname, "-nn", "-U", "--immediate-mode", "-w"])
+            // Immediate mode also means a TPACKET_V2 ring whose slots are as large as the
+            // snapshot length: with the default (262144) the default 2 MiB buffer holds 8
+            // packets, and a burst while tcpdump is not scheduled is silently lost. Headers are
+            // all the tests read: a short snapshot and a larger buffer hold thousands.
+            .args([
+                "tcpdump",
+                "-i",
+                ifname,
+                "-nn",
+                "-s",
+                "512",
+                "-B",
+                "8192",
+                "-U",
+                "--immediate-mode",
+                "-w",
+            ])
             .arg(&file)
             .arg(filter)
             .stdin(Stdio::null())
@@ -867,4 +889,220 @@ pub fn pcap_read(file: &Path, filter: &str) -> Result<Vec<String>> {
         &["-r", &file.display().to_string(), "-e", "-nn", filter],
     )?;
     Ok(stdout(&out).lines().map(str::to_owned).collect())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The egress gateway's end-to-end tests (tests/egress.rs): a server outside the cluster that
+// reports the address each client arrives from, many connections at once, Prometheus scrapes.
+// ---------------------------------------------------------------------------------------------
+
+/// A server on a host outside the cluster that tells every client the source address and port
+/// it sees: TCP, every line is answered with `<peer IP:port> <line>`; UDP, every datagram with
+/// `<peer IP:port> <datagram>`. The answers have the shape [`tcp_exchange`] and
+/// [`udp_exchange`] check, which then return the peer as the server's "name". One thread per
+/// listening socket multiplexes all its connections with poll(2), so thousands of concurrent
+/// connections cost file descriptors, not threads. Stopped on drop.
+pub struct PeerServer {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<Result<()>>>,
+}
+
+impl PeerServer {
+    /// Listens on every address of `tcp` and `udp` (e.g. `0.0.0.0:port`) inside `ns`.
+    pub fn start(ns: &Netns, tcp: &[SocketAddr], udp: &[SocketAddr]) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+        for &addr in tcp {
+            let (stop, ready) = (stop.clone(), ready_tx.clone());
+            threads.push(ns.enter_thread(move || {
+                let listener = match TcpListener::bind(addr).and_then(|l| {
+                    l.set_nonblocking(true)?;
+                    Ok(l)
+                }) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = ready.send(Err(anyhow!("binding tcp {addr}: {e}")));
+                        return Ok(());
+                    }
+                };
+                let _ = ready.send(Ok(()));
+                serve_tcp_peers(listener, &stop)
+            }));
+        }
+        for &addr in udp {
+            let (stop, ready) = (stop.clone(), ready_tx.clone());
+            threads.push(ns.enter_thread(move || {
+                let sock = match UdpSocket::bind(addr) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = ready.send(Err(anyhow!("binding udp {addr}: {e}")));
+                        return Ok(());
+                    }
+                };
+                let _ = ready.send(Ok(()));
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    if !readable(sock.as_raw_fd(), 100) {
+                        continue;
+                    }
+                    if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                        let mut reply = format!("{from} ").into_bytes();
+                        reply.extend_from_slice(&buf[..n]);
+                        let _ = sock.send_to(&reply, from);
+                    }
+                }
+                Ok(())
+            }));
+        }
+        let server = PeerServer { stop, threads };
+        for _ in 0..tcp.len() + udp.len() {
+            ready_rx
+                .recv_timeout(Duration::from_secs(10))
+                .map_err(|_| anyhow!("the peer server in {} did not start", ns.name))??;
+        }
+        Ok(server)
+    }
+}
+
+impl Drop for PeerServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The TCP side of [`PeerServer`]: a non-blocking listener and blocking connections, read only
+/// when poll says they are readable (so a read never waits), answered line by line.
+fn serve_tcp_peers(listener: TcpListener, stop: &AtomicBool) -> Result<()> {
+    struct Conn {
+        stream: TcpStream,
+        peer: SocketAddr,
+        pending: Vec<u8>,
+    }
+    let mut conns: Vec<Conn> = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !stop.load(Ordering::Relaxed) {
+        let mut fds: Vec<libc::pollfd> = std::iter::once(listener.as_raw_fd())
+            .chain(conns.iter().map(|c| c.stream.as_raw_fd()))
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: `fds` is a valid array of fds.len() pollfds.
+        if unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) } <= 0 {
+            continue;
+        }
+        let mut closed = Vec::new();
+        for (i, pfd) in fds[1..].iter().enumerate() {
+            if pfd.revents == 0 {
+                continue;
+            }
+            let conn = &mut conns[i];
+            match conn.stream.read(&mut chunk) {
+                Ok(0) => closed.push(i),
+                Ok(n) => {
+                    conn.pending.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = conn.pending.iter().position(|&b| b == b'\n') {
+                        let mut reply = format!("{} ", conn.peer).into_bytes();
+                        reply.extend(conn.pending.drain(..=end));
+                        if conn.stream.write_all(&reply).is_err() {
+                            closed.push(i);
+                            break;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => closed.push(i),
+            }
+        }
+        // Dropping a connection closes it (FIN): the client sees its end of the conversation.
+        for i in closed.into_iter().rev() {
+            conns.swap_remove(i);
+        }
+        if fds[0].revents != 0 {
+            loop {
+                match listener.accept() {
+                    Ok((stream, peer)) => {
+                        // Accepted sockets do not inherit O_NONBLOCK on Linux; make sure.
+                        stream.set_nonblocking(false)?;
+                        stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+                        conns.push(Conn {
+                            stream,
+                            peer,
+                            pending: Vec::new(),
+                        });
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break, // WouldBlock: all accepted
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Raises this process's soft limit of open files to at least `wanted` (up to the hard limit,
+/// which root may raise too). Tests holding thousands of sockets call it first.
+pub fn raise_fd_limit(wanted: u64) -> Result<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid rlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        bail!("getrlimit: {}", std::io::Error::last_os_error());
+    }
+    if lim.rlim_cur >= wanted {
+        return Ok(());
+    }
+    lim.rlim_cur = wanted;
+    lim.rlim_max = lim.rlim_max.max(wanted);
+    // SAFETY: a valid rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        bail!(
+            "setrlimit(RLIMIT_NOFILE, {wanted}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// The Prometheus text exposition of a gatewayd running in `ns`, fetched over HTTP from
+/// inside the namespace (the endpoint listens on the namespace's loopback).
+pub fn scrape_metrics(ns: &Netns, url: &str) -> Result<String> {
+    let url = url.to_owned();
+    ns.run_in(move || {
+        let mut response = ureq::get(&url).call().with_context(|| format!("GET {url}"))?;
+        Ok(response.body_mut().read_to_string()?)
+    })
+}
+
+/// The value of the sample `name{labels}` in a Prometheus text exposition, where `labels` must
+/// all be present (in any order, other labels allowed); None if there is no such sample.
+pub fn metric_value(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        if line.starts_with('#') {
+            return None;
+        }
+        let (series, value) = line.rsplit_once(' ')?;
+        let (metric, label_text) = match series.split_once('{') {
+            Some((m, rest)) => (m, rest.strip_suffix('}')?),
+            None => (series, ""),
+        };
+        if metric != name {
+            return None;
+        }
+        let all = labels
+            .iter()
+            .all(|(k, v)| label_text.split(',').any(|pair| pair == format!("{k}=\"{v}\"")));
+        if !all {
+            return None;
+        }
+        value.parse().ok()
+    })
 }
