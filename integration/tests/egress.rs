@@ -1114,12 +1114,10 @@ fn icmp_errors_about_translated_flows_reach_the_pod() -> Result<()> {
     Ok(())
 }
 
-/// docs/egress-gateway.md: gatewayd "removes addresses it assigned when no policy uses them".
-/// It remembers what it assigned only in memory (`EgressAddresses::added`), so after a restart
-/// an address it had assigned is taken for the operator's and stays when its policy moves on:
-/// the gateway keeps answering ARP for an address no policy uses (in HA, both gateways may).
+/// docs/egress-gateway.md: gatewayd "removes addresses it assigned when no policy uses them",
+/// also those a previous daemon assigned: otherwise the gateway would keep answering ARP for an
+/// address no policy uses (in HA, both gateways might).
 #[test]
-#[ignore = "known bug: egress addresses assigned before a restart are never removed"]
 fn egress_address_assigned_before_a_restart_is_removed_once_unused() -> Result<()> {
     if !require_root("egress_address_assigned_before_a_restart_is_removed_once_unused") {
         return Ok(());

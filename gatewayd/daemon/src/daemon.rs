@@ -69,7 +69,7 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
     tokio::spawn(connection);
     let egress = EgressGateway::new(
         EgressMaps::new(datapath.egress_ebpf_mut(), s.egress.nat_table_size)?,
-        EgressAddresses::new(netlink.clone()),
+        EgressAddresses::new(netlink.clone(), &s.state_dir)?,
         &s.state_dir,
     )?;
     let programmed = lb

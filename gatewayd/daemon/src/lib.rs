@@ -6,6 +6,7 @@
 //! - [`egress`]: egress policies compiled into the datapath's lookup tries (pure).
 //! - [`datapath`]: the eBPF objects, their pins, and the maps the planner's operations write.
 //! - [`daemon`], [`control`], [`events`], [`metrics`], [`logging`]: the long-running process.
+//! - [`state_file`]: what the daemon keeps under `daemon.state_dir` across restarts.
 
 pub mod config;
 pub mod control;
@@ -17,3 +18,4 @@ pub mod lb;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod state_file;

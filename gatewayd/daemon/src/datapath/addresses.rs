@@ -1,28 +1,35 @@
 //! Egress addresses: each policy's `egress_ip` is assigned to its egress interface (as a /32 or
 //! /128), so the upstream router's ARP/ND finds this gateway for the replies. Only addresses
 //! gatewayd added are removed when no policy needs them any more; an address the operator
-//! configured stays.
+//! configured stays. What gatewayd added is kept in a state file, so a restarted daemon still
+//! knows which addresses are its own to remove.
 
+use crate::state_file;
 use anyhow::{Context, Result};
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressHeaderFlags};
 use rtnetlink::Handle;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use tracing::{info, warn};
 
 pub struct EgressAddresses {
     handle: Handle,
-    /// (interface, address) pairs gatewayd assigned.
+    /// (interface, address) pairs gatewayd assigned, by this daemon or an earlier one.
     added: BTreeSet<(String, IpAddr)>,
+    /// Where `added` is kept.
+    state_file: PathBuf,
 }
 
 impl EgressAddresses {
-    pub fn new(handle: Handle) -> Self {
-        EgressAddresses {
+    pub fn new(handle: Handle, state_dir: &std::path::Path) -> Result<Self> {
+        let state_file = state_dir.join("egress-addresses.json");
+        Ok(EgressAddresses {
             handle,
-            added: BTreeSet::new(),
-        }
+            added: state_file::load(&state_file)?,
+            state_file,
+        })
     }
 
     /// Assigns every wanted address that is missing and removes the ones gatewayd added that are
@@ -45,6 +52,9 @@ impl EgressAddresses {
                 info!(%ip, interface, "removed egress address no policy uses");
             }
             self.added.remove(&(interface, ip));
+        }
+        if let Err(e) = state_file::save(&self.state_file, &self.added) {
+            warn!("egress addresses assigned may outlive their policies after a restart: {e:#}");
         }
     }
 

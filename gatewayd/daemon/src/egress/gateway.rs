@@ -9,7 +9,8 @@ use crate::datapath::lb_maps::interface_address;
 use crate::datapath::{monotonic_ns, Attachment, Hook, RNAT_PROGRAM, SNAT_PROGRAM};
 use crate::metrics::PolicyLabels;
 use crate::model::EgressPolicy;
-use anyhow::{Context, Result};
+use crate::state_file;
+use anyhow::Result;
 use gatewayd_common::api;
 use gatewayd_common::maps::{addr_from_bytes, FlowKey, NatEntry, IPPROTO_TCP, IPPROTO_UDP};
 use std::collections::{BTreeMap, BTreeSet};
@@ -38,13 +39,7 @@ fn egress_ip(p: &EgressPolicy) -> Option<IpAddr> {
 impl EgressGateway {
     pub fn new(maps: EgressMaps, addresses: EgressAddresses, state_dir: &std::path::Path) -> Result<Self> {
         let state_file = state_dir.join("egress-policy-ids.json");
-        let names: BTreeMap<String, u32> = match std::fs::read(&state_file) {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes).with_context(|| format!("reading {}", state_file.display()))?
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", state_file.display())),
-        };
+        let names: BTreeMap<String, u32> = state_file::load(&state_file)?;
         let programmed = maps.recover(&names)?;
         if !programmed.policies.is_empty() {
             info!(
@@ -105,11 +100,7 @@ impl EgressGateway {
             .iter()
             .map(|(n, p)| (n, p.policy_id))
             .collect();
-        if let Some(dir) = self.state_file.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        std::fs::write(&self.state_file, serde_json::to_vec_pretty(&names)?)
-            .with_context(|| format!("writing {}", self.state_file.display()))?;
+        state_file::save(&self.state_file, &names)?;
         Ok(())
     }
 
