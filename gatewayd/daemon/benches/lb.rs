@@ -176,26 +176,7 @@ fn runs_per_round() -> usize {
 /// The reference programs, compiled now rather than kept in xdp/ (build.rs embeds every
 /// xdp/*.c into the daemon).
 fn load_reference_programs() -> Result<aya::Ebpf> {
-    let dir = std::env::temp_dir().join(format!("gatewayd-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let src = dir.join("reference.c");
-    let obj = dir.join("reference.o");
-    std::fs::write(&src, REFERENCE_PROGRAMS)?;
-    let clang = std::env::var("BPF_CLANG").unwrap_or_else(|_| "clang-19".into());
-    let out = std::process::Command::new(&clang)
-        .args(["-O2", "-g", "-target", "bpf", "-c"])
-        .arg(format!("-I/usr/include/{}-linux-gnu", std::env::consts::ARCH))
-        .arg(&src)
-        .arg("-o")
-        .arg(&obj)
-        .output()
-        .with_context(|| format!("running {clang}"))?;
-    let bytes = std::fs::read(&obj);
-    std::fs::remove_dir_all(&dir)?;
-    if !out.status.success() {
-        bail!("{clang}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let mut ebpf = aya::Ebpf::load(&bytes?)?;
+    let mut ebpf = aya::Ebpf::load(&compile_bpf(REFERENCE_PROGRAMS)?)?;
     for name in [
         "bench_pass",
         "bench_lookup",

@@ -25,6 +25,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+pub mod egress;
+
 pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
@@ -39,6 +41,32 @@ pub fn require_root(name: &str) -> bool {
     }
     println!("SKIP: {name} needs root");
     false
+}
+
+/// Compiles a BPF C program (reference programs of the benchmarks, kept out of xdp/ because
+/// build.rs embeds every xdp/*.c into the daemon) and returns the object. `BPF_CLANG`
+/// overrides the compiler (default clang-19).
+pub fn compile_bpf(source: &str) -> Result<Vec<u8>> {
+    let dir = std::env::temp_dir().join(unique("gatewayd-bpf-"));
+    std::fs::create_dir_all(&dir)?;
+    let (src, obj) = (dir.join("program.c"), dir.join("program.o"));
+    std::fs::write(&src, source)?;
+    let clang = std::env::var("BPF_CLANG").unwrap_or_else(|_| "clang-19".into());
+    let out = Command::new(&clang)
+        .args(["-O2", "-g", "-target", "bpf", "-c"])
+        .arg(format!("-I/usr/include/{}-linux-gnu", std::env::consts::ARCH))
+        .arg(&src)
+        .arg("-o")
+        .arg(&obj)
+        .output()
+        .with_context(|| format!("running {clang}"));
+    let bytes = std::fs::read(&obj);
+    std::fs::remove_dir_all(&dir)?;
+    let out = out?;
+    if !out.status.success() {
+        bail!("{clang}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(bytes?)
 }
 
 /// A name unique to this process and call, short enough for an interface or namespace.
@@ -589,8 +617,13 @@ fn jhash_final(a: &mut u32, b: &mut u32, c: &mut u32) {
 }
 
 /// The kernel's jhash_3words / jhash2 over the client 5-tuple, words read little-endian from
-/// the key's bytes, exactly as `gd_flow_hash` does.
+/// the key's bytes, exactly as `gd_flow_hash` does with the balancer's seed.
 pub fn flow_hash(k: &FlowKey) -> u32 {
+    flow_hash_seeded(k, HASH_SEED)
+}
+
+/// `gd_flow_hash` with another seed (the egress NAT's port choice uses its own).
+pub fn flow_hash_seeded(k: &FlowKey, seed: u32) -> u32 {
     let w = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     let mut pb = [0u8; 4];
     pb[..2].copy_from_slice(&k.sport.to_ne_bytes());
@@ -598,7 +631,7 @@ pub fn flow_hash(k: &FlowKey) -> u32 {
     let ports = u32::from_le_bytes(pb);
     let (s, d) = (&k.src, &k.dst);
     if k.family == gatewayd_common::maps::FAMILY_INET {
-        let init = HASH_SEED
+        let init = seed
             .wrapping_add(k.proto as u32)
             .wrapping_add(JHASH_INITVAL)
             .wrapping_add(3 << 2);
@@ -610,7 +643,7 @@ pub fn flow_hash(k: &FlowKey) -> u32 {
         jhash_final(&mut a, &mut b, &mut c);
         return c;
     }
-    let init = JHASH_INITVAL.wrapping_add(10 << 2).wrapping_add(HASH_SEED);
+    let init = JHASH_INITVAL.wrapping_add(10 << 2).wrapping_add(seed);
     let (mut a, mut b, mut c) = (init, init, init);
     let words = [
         w(&s[0..4]),
@@ -630,6 +663,14 @@ pub fn flow_hash(k: &FlowKey) -> u32 {
         jhash_mix(&mut a, &mut b, &mut c);
     }
     a = a.wrapping_add(k.proto as u32);
+    jhash_final(&mut a, &mut b, &mut c);
+    c
+}
+
+/// The kernel's jhash_3words.
+pub fn jhash_3words(a: u32, b: u32, c: u32, initval: u32) -> u32 {
+    let init = initval.wrapping_add(JHASH_INITVAL).wrapping_add(3 << 2);
+    let (mut a, mut b, mut c) = (a.wrapping_add(init), b.wrapping_add(init), c.wrapping_add(init));
     jhash_final(&mut a, &mut b, &mut c);
     c
 }
