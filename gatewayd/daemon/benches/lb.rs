@@ -40,7 +40,6 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 const ROUNDS: usize = 7;
-const OUTLIER_NS: u64 = 10_000;
 const SERVICE_COUNTS: [usize; 3] = [1, 1_000, 100_000];
 const ESTABLISHED_FLOWS: u32 = 1_000_000;
 /// Prime Maglev table size for every service in the benchmark: 100,000 tables of the default
@@ -552,19 +551,6 @@ fn measure(topo: &Topology, configs: &[Config], variants: &mut [Variant<'_>], se
         .collect())
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    s[s.len() / 2]
-}
-
-fn spread_of(v: &[f64]) -> (f64, f64) {
-    (
-        v.iter().cloned().fold(f64::MAX, f64::min),
-        v.iter().cloned().fold(0.0, f64::max),
-    )
-}
-
 struct Row {
     variant: String,
     services: usize,
@@ -610,12 +596,6 @@ fn print_rows(rows: &[Row]) {
     );
 }
 
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
 fn run() -> Result<()> {
     let counts = service_counts();
     println!(
@@ -637,12 +617,8 @@ fn run() -> Result<()> {
     for count in counts {
         configs.push(setup(count)?);
     }
-    // Every measurement on one CPU: per-CPU maps (counters, next-hop cache) and caches stay
-    // warm, and the figures do not mix two CPUs.
     let rows = topo.enter(|| -> Result<Vec<Row>> {
-        let mut cpu = nix::sched::CpuSet::new();
-        cpu.set(1).or_else(|_| cpu.set(0))?;
-        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu)?;
+        pin_to_one_cpu()?;
         let refs = References {
             pass: reference.program("bench_pass").unwrap().try_into()?,
             lookup: reference.program("bench_lookup").unwrap().try_into()?,

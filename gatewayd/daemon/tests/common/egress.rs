@@ -96,13 +96,13 @@ pub struct Nat {
 }
 
 impl Nat {
-    /// The object with no policy and the given settings.
-    pub fn empty(settings: EgressSettings) -> Result<Nat> {
+    /// The object with no policy, the given settings and room for `nat_entries` entries.
+    pub fn empty(settings: EgressSettings, nat_entries: u32) -> Result<Nat> {
         let pins = ScratchPins::new();
         std::fs::create_dir_all(&pins.path).with_context(|| format!("creating {}", pins.path.display()))?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pins.path)
-            .map_max_entries("gd_nat", 4096)
+            .map_max_entries("gd_nat", nat_entries)
             .load(objects::EGRESS)
             .context("loading the egress object")?;
         for name in ["gatewayd_snat", "gatewayd_rnat"] {
@@ -140,11 +140,16 @@ impl Nat {
         Ok(nat)
     }
 
+    /// The standard policies with a small NAT table (4096 entries), as the tests use them.
+    pub fn new(settings: EgressSettings) -> Result<Nat> {
+        Nat::sized(settings, 4096)
+    }
+
     /// The standard policies (see WIDE, NARROW, V6), programmed the way the daemon's compiler
     /// lays them out: one destination entry per prefix any policy names, candidates most
     /// specific destination first, an excluded prefix without candidates.
-    pub fn new(settings: EgressSettings) -> Result<Nat> {
-        let mut nat = Nat::empty(settings)?;
+    pub fn sized(settings: EgressSettings, nat_entries: u32) -> Result<Nat> {
+        let mut nat = Nat::empty(settings, nat_entries)?;
         nat.policy(WIDE, EGRESS_WIDE, &["10.244.0.0/16"])?;
         nat.policy(NARROW, EGRESS_NARROW, &["10.244.1.0/24"])?;
         nat.policy(V6, EGRESS_V6, &["fd00:244::/64"])?;
@@ -206,22 +211,16 @@ impl Nat {
     }
 
     pub fn run(&self, program: &str, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
-        let prog: &SchedClassifier = self
+        let (verdict, out, _) = tc_test_run(self.program(program)?, frame)?;
+        Ok((verdict, out))
+    }
+
+    pub fn program(&self, name: &str) -> Result<&SchedClassifier> {
+        Ok(self
             .ebpf
-            .program(program)
-            .context("program missing")?
-            .try_into()?;
-        let mut out = vec![0u8; frame.len() + 256];
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                repeat: 1,
-                ..Default::default()
-            })
-            .context("BPF_PROG_TEST_RUN")?;
-        out.truncate(r.data_size_out as usize);
-        Ok((r.return_value, out))
+            .program(name)
+            .with_context(|| format!("{name} not in the object"))?
+            .try_into()?)
     }
 
     /// One frame through gatewayd_snat (leaving the egress interface).
@@ -281,6 +280,22 @@ impl Nat {
             self.reasons.set(i, zero, 0).unwrap();
         }
     }
+}
+
+/// One BPF_PROG_TEST_RUN of a TC program on a fresh copy of `frame`: the verdict, the frame it
+/// left, and the kernel-measured run time (ns).
+pub fn tc_test_run(prog: &SchedClassifier, frame: &[u8]) -> Result<(u32, Vec<u8>, u64)> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        })
+        .context("BPF_PROG_TEST_RUN")?;
+    out.truncate(r.data_size_out as usize);
+    Ok((r.return_value, out, r.duration.as_nanos() as u64))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -674,20 +689,25 @@ pub fn assert_snat(nat: &Nat, pkt: &Pkt, egress: &str) -> u16 {
     port
 }
 
-/// The two NAT entries of a translated flow: (ORIGINAL, REPLY), with their keys' relation and
-/// shared fields checked.
-pub fn flow_entries(nat: &Nat, pkt: &Pkt, egress: &str, port: u16) -> (NatEntry, NatEntry) {
-    let o = nat.entry(&pkt.key()).expect("ORIGINAL entry");
+/// The key of the REPLY entry of `pkt`'s flow translated to `egress`:`port` (what the answer
+/// looks like when it arrives).
+pub fn reply_key(pkt: &Pkt, egress: &str, port: u16) -> FlowKey {
     let icmp = matches!(pkt.l4, L4::Echo { .. });
-    let reply_key = Pkt {
+    Pkt {
         src: pkt.dst,
         dst: ip(egress),
         sport: if icmp { port } else { pkt.dport },
         dport: port,
         ..pkt.clone()
     }
-    .key();
-    let r = nat.entry(&reply_key).expect("REPLY entry");
+    .key()
+}
+
+/// The two NAT entries of a translated flow: (ORIGINAL, REPLY), with their keys' relation and
+/// shared fields checked.
+pub fn flow_entries(nat: &Nat, pkt: &Pkt, egress: &str, port: u16) -> (NatEntry, NatEntry) {
+    let o = nat.entry(&pkt.key()).expect("ORIGINAL entry");
+    let r = nat.entry(&reply_key(pkt, egress, port)).expect("REPLY entry");
     assert_eq!((o.dir, r.dir), (NAT_DIR_ORIGINAL, NAT_DIR_REPLY));
     assert_eq!(o.addr, addr_bytes(ip(egress)).0);
     assert_eq!(u16::from_be(o.port), port);

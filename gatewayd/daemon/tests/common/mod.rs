@@ -43,6 +43,44 @@ pub fn require_root(name: &str) -> bool {
     false
 }
 
+// ---------------------------------------------------------------------------------------------
+// Benchmark figures (benches/*.rs).
+// ---------------------------------------------------------------------------------------------
+
+/// A run longer than this was interrupted or preempted inside the timed region (the slowest
+/// path measured takes about 3 us): benchmarks leave it out of their means and count it.
+pub const OUTLIER_NS: u64 = 10_000;
+
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    s[s.len() / 2]
+}
+
+/// (min, max) of the rounds' figures.
+pub fn spread_of(v: &[f64]) -> (f64, f64) {
+    (
+        v.iter().cloned().fold(f64::MAX, f64::min),
+        v.iter().cloned().fold(0.0, f64::max),
+    )
+}
+
+/// The 1, 5 and 15 minute load averages: how busy the machine was while a benchmark ran.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// Pins the calling thread to one CPU (the second if there is one): per-CPU maps and caches
+/// stay warm, and figures do not mix two CPUs.
+pub fn pin_to_one_cpu() -> Result<()> {
+    let mut cpu = nix::sched::CpuSet::new();
+    cpu.set(1).or_else(|_| cpu.set(0))?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu)?;
+    Ok(())
+}
+
 /// Compiles a BPF C program (reference programs of the benchmarks, kept out of xdp/ because
 /// build.rs embeds every xdp/*.c into the daemon) and returns the object. `BPF_CLANG`
 /// overrides the compiler (default clang-19).
