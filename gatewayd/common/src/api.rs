@@ -41,6 +41,27 @@ pub struct Status {
     pub programs: Vec<AttachedProgram>,
     pub services: usize,
     pub backends: usize,
+    /// Kubernetes clusters followed (absent from daemons without the sync).
+    #[serde(default)]
+    pub clusters: Vec<ClusterSync>,
+}
+
+/// How one Kubernetes cluster is followed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterSync {
+    pub id: u32,
+    pub name: String,
+    /// `connecting` (not listed yet), `synced`, or `stale` (a watch fails; the last state
+    /// stays programmed).
+    pub state: String,
+    /// Seconds since a watch last delivered an event; `None` before the first.
+    pub last_event_age_seconds: Option<u64>,
+    pub last_error: Option<String>,
+    /// What the cluster contributes, as last merged.
+    pub services: usize,
+    pub egress_policies: usize,
+    pub peers: usize,
+    pub identities: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

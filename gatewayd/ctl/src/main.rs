@@ -346,6 +346,22 @@ fn print_status(s: &api::Status) {
             p.interface, p.attach, p.program, p.program_id, p.origin
         );
     }
+    if !s.clusters.is_empty() {
+        println!("clusters:");
+    }
+    for c in &s.clusters {
+        let age = c
+            .last_event_age_seconds
+            .map(|a| format!("last event {} ago", duration(a)))
+            .unwrap_or_else(|| "no event yet".into());
+        println!(
+            "  {:<12} id {:<4} {:<11} {age}; {} services, {} egress policies, {} peers, {} identities",
+            c.name, c.id, c.state, c.services, c.egress_policies, c.peers, c.identities
+        );
+        if let Some(e) = &c.last_error {
+            println!("    last error: {e}");
+        }
+    }
 }
 
 fn print_lb_list(services: &[api::LbService]) {

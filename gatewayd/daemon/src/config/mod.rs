@@ -15,7 +15,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-pub use validate::{AnyHost, Host, SystemHost};
+pub use validate::{is_wireguard_key, AnyHost, Host, SystemHost};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/gatewayd/gatewayd.toml";
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/gatewayd";
@@ -113,10 +113,32 @@ impl LbSettings {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cluster {
+    /// 1-255: the top byte of every security identity from this cluster.
     pub id: u32,
     pub name: String,
     pub access: ClusterAccess,
+    /// Services of type LoadBalancer with this `spec.loadBalancerClass` are served.
+    pub load_balancer_class: String,
+    /// Label keys (exact, or prefixes ending in `/` or `*`) that do not make an identity.
+    pub identity_ignore_labels: Vec<String>,
+    /// UDP port of the WireGuard endpoint of this cluster's nodes.
+    pub wireguard_port: u16,
 }
+
+pub const DEFAULT_LOAD_BALANCER_CLASS: &str = "gatewayd.io/dsr";
+pub const DEFAULT_WIREGUARD_PORT: u16 = 51820;
+/// Labels that change with every rollout or pod and say nothing about what a pod may do.
+pub const DEFAULT_IDENTITY_IGNORE_LABELS: &[&str] = &[
+    "pod-template-hash",
+    "controller-revision-hash",
+    "pod-template-generation",
+    "statefulset.kubernetes.io/pod-name",
+    "apps.kubernetes.io/pod-index",
+    "batch.kubernetes.io/controller-uid",
+    "batch.kubernetes.io/job-name",
+    "controller-uid",
+    "job-name",
+];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClusterAccess {
