@@ -586,7 +586,9 @@ fn egress_policy(cx: &Context, object: &DynamicObject, pods: &PodView) -> Result
 mod tests {
     //! Fixtures are `kubectl get <kind> -o json` output (a `List` with every server-set field).
     use super::*;
-    use crate::config::{DEFAULT_IDENTITY_IGNORE_LABELS, DEFAULT_LOAD_BALANCER_CLASS, DEFAULT_WIREGUARD_PORT};
+    use crate::config::{
+        DEFAULT_IDENTITY_IGNORE_LABELS, DEFAULT_LOAD_BALANCER_CLASS, DEFAULT_WIREGUARD_PORT,
+    };
     use serde::de::DeserializeOwned;
 
     fn items<K: DeserializeOwned>(file: &str) -> Vec<Arc<K>> {
@@ -620,7 +622,10 @@ mod tests {
                 context: None,
             },
             load_balancer_class: DEFAULT_LOAD_BALANCER_CLASS.into(),
-            identity_ignore_labels: DEFAULT_IDENTITY_IGNORE_LABELS.iter().map(|s| s.to_string()).collect(),
+            identity_ignore_labels: DEFAULT_IDENTITY_IGNORE_LABELS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             wireguard_port: DEFAULT_WIREGUARD_PORT,
         }
     }
@@ -712,9 +717,14 @@ mod tests {
             .filter(|p| p.kind == "Service")
             .map(|p| p.message.as_str())
             .collect();
-        assert!(messages.iter().any(|m| m.contains("protocol SCTP")), "{messages:?}");
         assert!(
-            messages.iter().any(|m| m.contains("port 80: endpoints listen on 8080")),
+            messages.iter().any(|m| m.contains("protocol SCTP")),
+            "{messages:?}"
+        );
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("port 80: endpoints listen on 8080")),
             "{messages:?}"
         );
     }
@@ -725,7 +735,10 @@ mod tests {
         let peers = &state.desired.peers;
         assert_eq!(peers.len(), 2, "{peers:?}");
         assert_eq!(peers[0].name, "prod/node-a");
-        assert_eq!(peers[0].public_key, "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=");
+        assert_eq!(
+            peers[0].public_key,
+            "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg="
+        );
         assert_eq!(peers[0].endpoint, Some("10.0.0.21:51820".parse().unwrap()));
         assert_eq!(
             peers[0].allowed_ips,
@@ -738,7 +751,10 @@ mod tests {
         );
         assert_eq!(peers[1].name, "prod/node-b", "Cilium's annotation is read too");
         assert_eq!(peers[1].allowed_ips, [net("10.244.2.0/24"), net("10.0.0.22/32")]);
-        assert!(state.problems.iter().any(|p| p.kind == "Node" && p.name == "node-d"));
+        assert!(state
+            .problems
+            .iter()
+            .any(|p| p.kind == "Node" && p.name == "node-d"));
     }
 
     #[test]
@@ -755,7 +771,11 @@ mod tests {
         assert_ne!(id("10.244.1.5"), id("10.244.1.9"));
         assert!(ids.values().all(|i| i.id >> 24 == 1 && i.cluster == "prod"));
         assert_eq!(ids[&"10.244.1.9".parse::<IpAddr>().unwrap()].pod, "db-0");
-        assert_eq!(ids.len(), 5, "host-network and finished pods have no identity: {ids:?}");
+        assert_eq!(
+            ids.len(),
+            5,
+            "host-network and finished pods have no identity: {ids:?}"
+        );
         // Stable: the same objects in another order give the same identities.
         let mut shuffled = objects();
         shuffled.pods.reverse();
@@ -812,7 +832,10 @@ mod tests {
             ("wrong-family", "spec.destinationCIDRs"),
             ("no-such-interface", "spec.interface"),
         ] {
-            assert!(invalid.get(name).is_some_and(|m| m.contains(field)), "{name}: {invalid:?}");
+            assert!(
+                invalid.get(name).is_some_and(|m| m.contains(field)),
+                "{name}: {invalid:?}"
+            );
         }
         assert_eq!(invalid.len(), 6);
         assert_eq!(state.egress_verdicts["shop-web"], None);
