@@ -547,4 +547,43 @@ name = "c"
             ]
         );
     }
+
+    #[test]
+    fn clusters_have_defaults_and_checked_sync_settings() {
+        let config = parse(
+            r#"
+[[clusters]]
+id = 2
+name = "prod"
+kubeconfig = "/etc/gatewayd/prod.kubeconfig"
+"#,
+            &HOST,
+        )
+        .unwrap();
+        let c = &config.settings.clusters[0];
+        assert_eq!(c.load_balancer_class, DEFAULT_LOAD_BALANCER_CLASS);
+        assert_eq!(c.wireguard_port, 51820);
+        assert!(c.identity_ignore_labels.iter().any(|l| l == "pod-template-hash"));
+
+        let text = r#"
+[[clusters]]
+id = 1
+name = "a/b"
+server = "https://10.0.0.10:6443"
+token_file = "/etc/gatewayd/token"
+load_balancer_class = ""
+identity_ignore_labels = ["app", "x=y"]
+wireguard_port = 0
+"#;
+        let paths: Vec<String> = errors(text).into_iter().map(|e| e.path).collect();
+        assert_eq!(
+            paths,
+            [
+                "clusters[0].name",
+                "clusters[0].load_balancer_class",
+                "clusters[0].identity_ignore_labels[1]",
+                "clusters[0].wireguard_port"
+            ]
+        );
+    }
 }
