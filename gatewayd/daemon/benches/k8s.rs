@@ -167,6 +167,7 @@ async fn measure(services: usize) -> Result<()> {
         load_balancer_class: DEFAULT_LOAD_BALANCER_CLASS.into(),
         identity_ignore_labels: vec![],
         wireguard_port: 51820,
+        address_pools: vec![],
     };
     let params = LbParams {
         table_size: DEFAULT_TABLE_SIZE,

@@ -111,6 +111,7 @@ async fn follows_a_cluster_through_outage_and_compaction() {
         load_balancer_class: DEFAULT_LOAD_BALANCER_CLASS.into(),
         identity_ignore_labels: vec![],
         wireguard_port: 51820,
+        address_pools: vec!["10.100.5.0/30".parse().unwrap()],
     };
     let client = sync::client(&cluster).await.unwrap();
     let (tx, mut updates) = mpsc::channel(16);
@@ -150,18 +151,39 @@ async fn follows_a_cluster_through_outage_and_compaction() {
     let state = next_update(&mut updates).await;
     assert_eq!(backends(&state)[0].1, ["10.244.0.1", "10.244.0.4"]);
 
+    // LB-IPAM: a served Service without an address gets the pool's first free one, written to
+    // its status (where the next watch event brings it back as the VIP).
+    let mut auto = service("auto", "");
+    auto["status"] = json!({"loadBalancer": {}});
+    server.apply(auto).unwrap();
+    server.apply(slice("auto-1", "auto", &["10.244.0.5"])).unwrap();
+    let mut state = next_update(&mut updates).await;
+    while state.desired.services.len() < 3 {
+        state = next_update(&mut updates).await;
+    }
+    assert_eq!(
+        backends(&state)[2],
+        ("10.100.5.1:80/tcp".to_string(), vec!["10.244.0.5".to_string()])
+    );
+    let written = server.get("v1", "Service", Some("shop"), "auto").unwrap();
+    assert_eq!(
+        written["status"]["loadBalancer"]["ingress"][0]["ip"],
+        "10.100.5.1"
+    );
+
     // The server dies: the cluster goes stale and no state is sent (the last stays in force).
     server.stop();
     wait_state(&status, SyncState::Stale).await;
     assert!(updates.try_recv().is_err(), "no state while the server is down");
     assert!(status.lock().unwrap().last_error.is_some());
 
-    // Meanwhile "api" goes away and the history is compacted: watchers resuming from their
-    // version get 410, relist, and the state loses "api" although no Delete event was seen.
+    // Meanwhile "api" and "auto" go away and the history is compacted: watchers resuming from
+    // their version get 410, relist, and the state loses both though no Delete event was seen.
     server.delete("v1", "Service", Some("shop"), "api").unwrap();
     server
         .delete("discovery.k8s.io/v1", "EndpointSlice", Some("shop"), "api-1")
         .unwrap();
+    server.delete("v1", "Service", Some("shop"), "auto").unwrap();
     server.compact();
     let listener = TcpListener::bind(addr).expect("the same port again");
     server.start(listener).unwrap();

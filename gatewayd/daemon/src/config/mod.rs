@@ -123,6 +123,8 @@ pub struct Cluster {
     pub identity_ignore_labels: Vec<String>,
     /// UDP port of the WireGuard endpoint of this cluster's nodes.
     pub wireguard_port: u16,
+    /// LB-IPAM: VIPs for served Services that have none, written to their status. Empty: off.
+    pub address_pools: Vec<IpNet>,
 }
 
 pub const DEFAULT_LOAD_BALANCER_CLASS: &str = "gatewayd.io/dsr";
@@ -574,6 +576,7 @@ token_file = "/etc/gatewayd/token"
 load_balancer_class = ""
 identity_ignore_labels = ["app", "x=y"]
 wireguard_port = 0
+address_pools = ["10.100.0.1/24"]
 "#;
         let paths: Vec<String> = errors(text).into_iter().map(|e| e.path).collect();
         assert_eq!(
@@ -582,7 +585,8 @@ wireguard_port = 0
                 "clusters[0].name",
                 "clusters[0].load_balancer_class",
                 "clusters[0].identity_ignore_labels[1]",
-                "clusters[0].wireguard_port"
+                "clusters[0].wireguard_port",
+                "clusters[0].address_pools[0]"
             ]
         );
     }

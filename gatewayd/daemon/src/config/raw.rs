@@ -143,4 +143,6 @@ pub struct RawCluster {
     pub load_balancer_class: Option<String>,
     pub identity_ignore_labels: Option<Vec<String>>,
     pub wireguard_port: Option<u16>,
+    #[serde(default)]
+    pub address_pools: Vec<String>,
 }

@@ -651,6 +651,7 @@ fn clusters(c: &mut Checker, raw: &[RawCluster]) -> Vec<Cluster> {
             if wireguard_port == 0 {
                 c.error(p("wireguard_port"), Some("0".into()), "must be 1-65535");
             }
+            let address_pools = c.cidrs(&p("address_pools"), &r.address_pools);
             Some(Cluster {
                 id: r.id,
                 name: r.name.clone(),
@@ -658,6 +659,7 @@ fn clusters(c: &mut Checker, raw: &[RawCluster]) -> Vec<Cluster> {
                 load_balancer_class,
                 identity_ignore_labels,
                 wireguard_port,
+                address_pools,
             })
         })
         .collect()

@@ -108,7 +108,8 @@ fn problem(kind: &'static str, meta: &kube::api::ObjectMeta, message: String) ->
     }
 }
 
-fn is_served(cluster: &Cluster, svc: &K8sService) -> bool {
+/// A LoadBalancer Service of the cluster's class, or opted in by annotation.
+pub fn is_served(cluster: &Cluster, svc: &K8sService) -> bool {
     let Some(spec) = &svc.spec else { return false };
     spec.type_.as_deref() == Some("LoadBalancer")
         && (spec.load_balancer_class.as_deref() == Some(cluster.load_balancer_class.as_str())
@@ -627,6 +628,7 @@ mod tests {
                 .map(|s| s.to_string())
                 .collect(),
             wireguard_port: DEFAULT_WIREGUARD_PORT,
+            address_pools: vec![],
         }
     }
 

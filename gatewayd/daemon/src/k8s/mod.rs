@@ -7,6 +7,7 @@
 pub mod convert;
 pub mod crd;
 pub mod identity;
+pub mod ipam;
 pub mod selector;
 pub mod sync;
 

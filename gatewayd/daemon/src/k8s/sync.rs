@@ -12,6 +12,7 @@
 
 use super::convert::{self, ClusterObjects, ClusterState, Context};
 use super::crd;
+use super::ipam::{self, ServiceName};
 use crate::config::{Cluster, ClusterAccess, Host, Settings, SystemHost};
 use anyhow::{Context as _, Result};
 use futures_util::StreamExt;
@@ -27,6 +28,7 @@ use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::hash::Hash;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
@@ -287,10 +289,11 @@ pub fn spawn<H: Host + Send + Sync + 'static>(
             shared.clone(),
         ),
     };
-    let policies: Api<DynamicObject> = Api::all_with(client, &egress_resource);
+    let policies: Api<DynamicObject> = Api::all_with(client.clone(), &egress_resource);
     tokio::spawn(async move {
         let mut last: Option<ClusterState> = None;
         let mut conditions = PolicyConditions::default();
+        let mut addresses = IpamWrites::default();
         loop {
             shared.wake.notified().await;
             let first = tokio::time::Instant::now();
@@ -303,14 +306,19 @@ pub fn spawn<H: Host + Send + Sync + 'static>(
             if !shared.listed() {
                 continue;
             }
-            let state = convert::convert(
+            let objects = stores.snapshot();
+            let mut state = convert::convert(
                 &Context {
                     cluster: &cluster,
                     egress_interface: egress_interface.as_deref(),
                     host: &host,
                 },
-                &stores.snapshot(),
+                &objects,
             );
+            let (allocations, ipam_problems) = ipam::allocate(&cluster, &objects.services);
+            addresses.write(&client, &allocations).await;
+            state.problems.extend(ipam_problems);
+            state.problems.sort();
             if last.as_ref() == Some(&state) {
                 continue;
             }
@@ -342,6 +350,46 @@ pub fn spawn<H: Host + Send + Sync + 'static>(
         }
     });
     status
+}
+
+/// LB-IPAM's status writes: each allocation written once (the Service's watch event then
+/// brings the address back as its ingress), given up (logged once) where RBAC does not allow.
+#[derive(Default)]
+struct IpamWrites {
+    written: BTreeMap<ServiceName, IpAddr>,
+    forbidden: bool,
+}
+
+impl IpamWrites {
+    async fn write(&mut self, client: &Client, allocations: &BTreeMap<ServiceName, IpAddr>) {
+        self.written.retain(|name, _| allocations.contains_key(name));
+        if self.forbidden {
+            return;
+        }
+        for ((namespace, name), ip) in allocations {
+            let key = (namespace.clone(), name.clone());
+            if self.written.get(&key) == Some(ip) {
+                continue;
+            }
+            let api: Api<Service> = Api::namespaced(client.clone(), namespace);
+            let patch = serde_json::json!({"status": {"loadBalancer": {"ingress": [{"ip": ip.to_string(), "ipMode": "VIP"}]}}});
+            match api
+                .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {
+                    info!(service = %format!("{namespace}/{name}"), %ip, "allocated a VIP from address_pools");
+                    self.written.insert(key, *ip);
+                }
+                Err(kube::Error::Api(e)) if e.code == 403 => {
+                    warn!("address_pools is set but RBAC does not allow writing services/status (config/rbac/gatewayd-ipam.yaml)");
+                    self.forbidden = true;
+                    return;
+                }
+                Err(e) => debug!(service = %format!("{namespace}/{name}"), "writing the VIP failed: {e}"),
+            }
+        }
+    }
 }
 
 /// The `Valid` condition gatewayd writes on each EgressGatewayPolicy: written when the verdict
