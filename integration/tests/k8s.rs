@@ -328,6 +328,17 @@ fn services_follow_the_cluster_and_survive_its_outage() -> Result<()> {
     })?;
     assert_eq!(policy["source_cidrs"], json!(["10.244.0.5/32"]), "{policy}");
     assert_eq!(policy["interface"], "eth0");
+    let identities = lab.ctl(&["identities"])?;
+    let web0 = &identities[0];
+    assert_eq!(
+        (
+            web0["address"].as_str(),
+            web0["pod"].as_str(),
+            web0["identity"].as_u64().map(|i| i >> 24)
+        ),
+        (Some("10.244.0.5"), Some("web-0"), Some(1)),
+        "{identities}"
+    );
     // An invalid one is skipped and told so on its status, the valid one accepted.
     lab.api.apply(json!({
         "apiVersion": "gatewayd.io/v1alpha1", "kind": "EgressGatewayPolicy",

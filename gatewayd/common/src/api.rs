@@ -13,6 +13,8 @@ pub enum Request {
     LbStats,
     EgressList,
     NatList,
+    /// Pod addresses and their security identities (Kubernetes).
+    Identities,
     /// Switches the connection to a stream of [`FlowEvent`] lines until the client hangs up.
     Observe,
 }
@@ -25,6 +27,7 @@ pub enum Response {
     LbStats(LbStats),
     EgressList(Vec<EgressPolicyStatus>),
     NatList(Vec<NatTranslation>),
+    Identities(Vec<PodIdentity>),
     Error(String),
 }
 
@@ -44,6 +47,16 @@ pub struct Status {
     /// Kubernetes clusters followed (absent from daemons without the sync).
     #[serde(default)]
     pub clusters: Vec<ClusterSync>,
+}
+
+/// A pod address and its security identity (docs/kubernetes.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodIdentity {
+    pub address: String,
+    pub identity: u32,
+    pub cluster: String,
+    pub namespace: String,
+    pub pod: String,
 }
 
 /// How one Kubernetes cluster is followed.

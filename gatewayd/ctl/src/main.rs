@@ -52,6 +52,8 @@ enum Command {
         #[command(subcommand)]
         command: NatCommand,
     },
+    /// Pod addresses of the Kubernetes clusters and their security identities.
+    Identities,
     /// Stream datapath events (new flows, drops with their reason) as they happen.
     Observe(ObserveArgs),
     /// Print a shell completion script.
@@ -155,6 +157,7 @@ fn main() -> ExitCode {
     let request = match &cli.command {
         Command::Observe(args) => return observe(&cli.socket, args, cli.output),
         Command::Status => Request::Status,
+        Command::Identities => Request::Identities,
         Command::Lb {
             command: LbCommand::List,
         } => Request::LbList,
@@ -310,6 +313,7 @@ fn print_text(response: &Response) {
         Response::LbStats(stats) => print_lb_stats(stats),
         Response::EgressList(policies) => print_egress_list(policies),
         Response::NatList(translations) => print_nat_list(translations),
+        Response::Identities(identities) => print_identities(identities),
         Response::Error(message) => println!("error: {message}"),
     }
 }
@@ -463,6 +467,17 @@ fn print_nat_list(translations: &[api::NatTranslation]) {
         );
     }
     println!("{} translations", translations.len());
+}
+
+fn print_identities(identities: &[api::PodIdentity]) {
+    println!("{:<40} {:>10}  {:<12} pod", "address", "identity", "cluster");
+    for i in identities {
+        println!(
+            "{:<40} {:>10}  {:<12} {}/{}",
+            i.address, i.identity, i.cluster, i.namespace, i.pod
+        );
+    }
+    println!("{} addresses", identities.len());
 }
 
 fn duration(secs: u64) -> String {

@@ -390,6 +390,19 @@ impl Daemon {
                 self.egress.list(&self.desired.egress_policies),
             )),
             Request::NatList => Ok(Response::NatList(self.egress.translations())),
+            Request::Identities => Ok(Response::Identities(
+                self.desired
+                    .identities
+                    .iter()
+                    .map(|(ip, i)| api::PodIdentity {
+                        address: ip.to_string(),
+                        identity: i.id,
+                        cluster: i.cluster.clone(),
+                        namespace: i.namespace.clone(),
+                        pod: i.pod.clone(),
+                    })
+                    .collect(),
+            )),
             Request::Observe => unreachable!("the control socket streams events itself"),
         };
         result.unwrap_or_else(|e| Response::Error(format!("{e:#}")))
