@@ -5,6 +5,8 @@
 //! Tests need root. Without it they print `SKIP: ...` and return, so a non-root `cargo test`
 //! says what it did not run instead of passing silently.
 
+pub mod apiserver;
+
 use anyhow::{anyhow, bail, Context, Result};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};

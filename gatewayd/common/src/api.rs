@@ -13,6 +13,8 @@ pub enum Request {
     LbStats,
     EgressList,
     NatList,
+    /// Pod addresses and their security identities (Kubernetes).
+    Identities,
     /// Switches the connection to a stream of [`FlowEvent`] lines until the client hangs up.
     Observe,
 }
@@ -25,6 +27,7 @@ pub enum Response {
     LbStats(LbStats),
     EgressList(Vec<EgressPolicyStatus>),
     NatList(Vec<NatTranslation>),
+    Identities(Vec<PodIdentity>),
     Error(String),
 }
 
@@ -41,6 +44,37 @@ pub struct Status {
     pub programs: Vec<AttachedProgram>,
     pub services: usize,
     pub backends: usize,
+    /// Kubernetes clusters followed (absent from daemons without the sync).
+    #[serde(default)]
+    pub clusters: Vec<ClusterSync>,
+}
+
+/// A pod address and its security identity (docs/kubernetes.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodIdentity {
+    pub address: String,
+    pub identity: u32,
+    pub cluster: String,
+    pub namespace: String,
+    pub pod: String,
+}
+
+/// How one Kubernetes cluster is followed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterSync {
+    pub id: u32,
+    pub name: String,
+    /// `connecting` (not listed yet), `synced`, or `stale` (a watch fails; the last state
+    /// stays programmed).
+    pub state: String,
+    /// Seconds since a watch last delivered an event; `None` before the first.
+    pub last_event_age_seconds: Option<u64>,
+    pub last_error: Option<String>,
+    /// What the cluster contributes, as last merged.
+    pub services: usize,
+    pub egress_policies: usize,
+    pub peers: usize,
+    pub identities: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -52,6 +52,8 @@ enum Command {
         #[command(subcommand)]
         command: NatCommand,
     },
+    /// Pod addresses of the Kubernetes clusters and their security identities.
+    Identities,
     /// Stream datapath events (new flows, drops with their reason) as they happen.
     Observe(ObserveArgs),
     /// Print a shell completion script.
@@ -155,6 +157,7 @@ fn main() -> ExitCode {
     let request = match &cli.command {
         Command::Observe(args) => return observe(&cli.socket, args, cli.output),
         Command::Status => Request::Status,
+        Command::Identities => Request::Identities,
         Command::Lb {
             command: LbCommand::List,
         } => Request::LbList,
@@ -310,6 +313,7 @@ fn print_text(response: &Response) {
         Response::LbStats(stats) => print_lb_stats(stats),
         Response::EgressList(policies) => print_egress_list(policies),
         Response::NatList(translations) => print_nat_list(translations),
+        Response::Identities(identities) => print_identities(identities),
         Response::Error(message) => println!("error: {message}"),
     }
 }
@@ -345,6 +349,22 @@ fn print_status(s: &api::Status) {
             "  {:<12} {:<14} {:<16} id {:<6} {}",
             p.interface, p.attach, p.program, p.program_id, p.origin
         );
+    }
+    if !s.clusters.is_empty() {
+        println!("clusters:");
+    }
+    for c in &s.clusters {
+        let age = c
+            .last_event_age_seconds
+            .map(|a| format!("last event {} ago", duration(a)))
+            .unwrap_or_else(|| "no event yet".into());
+        println!(
+            "  {:<12} id {:<4} {:<11} {age}; {} services, {} egress policies, {} peers, {} identities",
+            c.name, c.id, c.state, c.services, c.egress_policies, c.peers, c.identities
+        );
+        if let Some(e) = &c.last_error {
+            println!("    last error: {e}");
+        }
     }
 }
 
@@ -447,6 +467,17 @@ fn print_nat_list(translations: &[api::NatTranslation]) {
         );
     }
     println!("{} translations", translations.len());
+}
+
+fn print_identities(identities: &[api::PodIdentity]) {
+    println!("{:<40} {:>10}  {:<12} pod", "address", "identity", "cluster");
+    for i in identities {
+        println!(
+            "{:<40} {:>10}  {:<12} {}/{}",
+            i.address, i.identity, i.cluster, i.namespace, i.pod
+        );
+    }
+    println!("{} addresses", identities.len());
 }
 
 fn duration(secs: u64) -> String {

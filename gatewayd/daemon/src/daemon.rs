@@ -10,13 +10,17 @@ use crate::datapath::neighbours::Neighbours;
 use crate::datapath::{Attachment, Capacities, Datapath, Hook, LB_PROGRAM};
 use crate::egress::gateway::EgressGateway;
 use crate::events::EventHub;
+use crate::k8s::convert::ClusterState;
+use crate::k8s::sync::{ClusterUpdate, SharedStatus};
 use crate::lb::reconcile::{LbParams, Programmed};
 use crate::metrics::{self, BackendLabels, Metrics, ServiceLabels, ServiceView, Snapshot};
+use crate::model::DesiredState;
 use anyhow::{Context, Result};
 use gatewayd_common::api::{self, Request, Response};
 use gatewayd_common::maps::REASON_NAMES;
 use ipnet::IpNet;
 use sd_notify::NotifyState;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -35,6 +39,13 @@ struct Daemon {
     generation: u64,
     last_reload: Option<api::ReloadResult>,
     started: Instant,
+    /// What is programmed: the TOML's desired state merged with every cluster's.
+    desired: DesiredState,
+    /// The last state of each Kubernetes cluster, by cluster id.
+    cluster_states: BTreeMap<u32, ClusterState>,
+    clusters: Vec<SharedStatus>,
+    /// Merge conflicts as last logged, so each is logged once.
+    conflicts: Vec<String>,
 }
 
 fn notify(states: &[NotifyState]) {
@@ -99,11 +110,19 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
         generation: 0,
         last_reload: None,
         started: Instant::now(),
+        desired: DesiredState::default(),
+        cluster_states: BTreeMap::new(),
+        clusters: Vec::new(),
+        conflicts: Vec::new(),
     };
     daemon.apply(&config).context("applying the configuration")?;
     daemon.sync_netlink().await;
     daemon.generation = 1;
     daemon.publish_metrics();
+    // After the TOML's state is programmed: an unreachable cluster must not delay READY.
+    let (cluster_updates, mut cluster_states) = tokio::sync::mpsc::channel::<ClusterUpdate>(16);
+    daemon.clusters = crate::k8s::sync::start_all(&config.settings, cluster_updates).await;
+    daemon.metrics.set_clusters(daemon.clusters.clone());
     let status = daemon.status_line();
     info!("{status}");
     notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
@@ -132,6 +151,7 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
             Some((request, reply)) = queries.recv() => {
                 let _ = reply.send(daemon.answer(request));
             }
+            Some(update) = cluster_states.recv() => daemon.cluster_update(update).await,
         }
     }
     notify(&[
@@ -154,6 +174,11 @@ impl Daemon {
 
     fn apply_timed(&mut self, config: &Config) -> Result<()> {
         let s = &config.settings;
+        let (desired, conflicts) = crate::k8s::merge(&config.desired, &self.cluster_states);
+        for c in conflicts.iter().filter(|c| !self.conflicts.contains(c)) {
+            warn!("{c}");
+        }
+        self.conflicts = conflicts;
         let params = LbParams {
             table_size: s.lb.maglev_table_size,
             seed: s.lb.maglev_seed,
@@ -161,8 +186,8 @@ impl Daemon {
             max_backends: s.lb.max_backends,
         };
         // Every plan is made before the first write: a rejected change touches nothing.
-        let (ops, next) = self.programmed.plan(&config.desired.services, &params)?;
-        let (egress_compiled, egress_ops) = self.egress.plan(&config.desired.egress_policies)?;
+        let (ops, next) = self.programmed.plan(&desired.services, &params)?;
+        let (egress_compiled, egress_ops) = self.egress.plan(&desired.egress_policies)?;
         let settings = lb_maps::lb_settings(
             s.lb.encap_source_v4
                 .or_else(|| self.default_source(config, false)),
@@ -192,16 +217,12 @@ impl Daemon {
                 program: LB_PROGRAM,
             })
             .collect();
-        wanted.extend(EgressGateway::attachments(&config.desired.egress_policies));
+        wanted.extend(EgressGateway::attachments(&desired.egress_policies));
         self.datapath.sync_attachments(&wanted)?;
-        for (what, present) in [
-            ("peers", !config.desired.peers.is_empty()),
-            ("clusters", !s.clusters.is_empty()),
-        ] {
-            if present {
-                warn!("{what} are configured but not enforced by this version of gatewayd");
-            }
+        if !desired.peers.is_empty() {
+            warn!("peers are configured but not enforced by this version of gatewayd");
         }
+        self.desired = desired;
         Ok(())
     }
 
@@ -218,7 +239,7 @@ impl Daemon {
     /// After an apply: keeps the backends' next hops resolved by the kernel (see
     /// datapath::neighbours) and the egress addresses assigned.
     async fn sync_netlink(&mut self) {
-        let desired = &self.config.desired;
+        let desired = &self.desired;
         let backends: Vec<_> = desired
             .services
             .values()
@@ -267,9 +288,34 @@ impl Daemon {
         notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
     }
 
+    /// A cluster's new state: merged and programmed like a reload. If the datapath refuses it
+    /// (e.g. capacity), the cluster's previous state stays in force.
+    async fn cluster_update(&mut self, update: ClusterUpdate) {
+        let id = update.cluster_id;
+        let previous = self.cluster_states.insert(id, update.state);
+        let config = self.config.clone();
+        match self.apply(&config) {
+            Ok(()) => {
+                self.publish_metrics();
+                self.sync_netlink().await;
+            }
+            Err(e) => {
+                error!(
+                    cluster = id,
+                    "cluster state rejected, its previous state stays in force: {e:#}"
+                );
+                match previous {
+                    Some(p) => self.cluster_states.insert(id, p),
+                    None => self.cluster_states.remove(&id),
+                };
+            }
+        }
+    }
+
     fn warn_restart_only_changes(&self, new: &Config) {
         let (old, new) = (&self.config.settings, &new.settings);
         for (key, changed) in [
+            ("clusters", old.clusters != new.clusters),
             ("daemon.bpffs", old.bpffs != new.bpffs),
             ("daemon.control_socket", old.control_socket != new.control_socket),
             (
@@ -341,9 +387,22 @@ impl Daemon {
             Request::LbList => self.lb_list().map(Response::LbList),
             Request::LbStats => self.lb_stats().map(Response::LbStats),
             Request::EgressList => Ok(Response::EgressList(
-                self.egress.list(&self.config.desired.egress_policies),
+                self.egress.list(&self.desired.egress_policies),
             )),
             Request::NatList => Ok(Response::NatList(self.egress.translations())),
+            Request::Identities => Ok(Response::Identities(
+                self.desired
+                    .identities
+                    .iter()
+                    .map(|(ip, i)| api::PodIdentity {
+                        address: ip.to_string(),
+                        identity: i.id,
+                        cluster: i.cluster.clone(),
+                        namespace: i.namespace.clone(),
+                        pod: i.pod.clone(),
+                    })
+                    .collect(),
+            )),
             Request::Observe => unreachable!("the control socket streams events itself"),
         };
         result.unwrap_or_else(|e| Response::Error(format!("{e:#}")))
@@ -361,7 +420,29 @@ impl Daemon {
             programs: self.datapath.attached(),
             services: self.programmed.services.len(),
             backends: self.programmed.services.values().map(|s| s.backends.len()).sum(),
+            clusters: self.cluster_sync(),
         })
+    }
+
+    fn cluster_sync(&self) -> Vec<api::ClusterSync> {
+        self.clusters
+            .iter()
+            .map(|status| {
+                let s = status.lock().expect("status").clone();
+                let d = self.cluster_states.get(&s.id).map(|c| &c.desired);
+                api::ClusterSync {
+                    id: s.id,
+                    state: s.state.as_str().into(),
+                    last_event_age_seconds: s.last_event.map(|t| t.elapsed().as_secs()),
+                    last_error: s.last_error,
+                    services: d.map_or(0, |d| d.services.len()),
+                    egress_policies: d.map_or(0, |d| d.egress_policies.len()),
+                    peers: d.map_or(0, |d| d.peers.len()),
+                    identities: d.map_or(0, |d| d.identities.len()),
+                    name: s.name,
+                }
+            })
+            .collect()
     }
 
     fn lb_list(&self) -> Result<Vec<api::LbService>> {
@@ -372,7 +453,7 @@ impl Daemon {
         };
         let mut out = Vec::new();
         for (key, svc) in &self.programmed.services {
-            let desired = self.config.desired.services.get(key);
+            let desired = self.desired.services.get(key);
             let mut backends = Vec::new();
             for (addr, b) in &svc.backends {
                 backends.push(api::LbBackend {

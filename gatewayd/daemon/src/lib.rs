@@ -1,7 +1,8 @@
 //! gatewayd as a library: the daemon binary, the benchmarks and the tests share these modules.
 //!
 //! - [`config`]: the TOML file, validated into [`config::Settings`] and the [`model`].
-//! - [`model`]: the desired state every source feeds (TOML today, Kubernetes later).
+//! - [`model`]: the desired state every source feeds (TOML, Kubernetes).
+//! - [`k8s`]: the Kubernetes sync: reflectors per cluster, objects converted to the model.
 //! - [`lb`]: Maglev and the reconcile planner (pure).
 //! - [`egress`]: egress policies compiled into the datapath's lookup tries (pure).
 //! - [`datapath`]: the eBPF objects, their pins, and the maps the planner's operations write.
@@ -14,6 +15,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod egress;
 pub mod events;
+pub mod k8s;
 pub mod lb;
 pub mod logging;
 pub mod metrics;

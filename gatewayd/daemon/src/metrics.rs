@@ -6,6 +6,7 @@
 
 use crate::datapath::lb_maps::LbCounters;
 use crate::datapath::open_pinned_map;
+use crate::k8s::sync::{SharedStatus, SyncState};
 use anyhow::{Context, Result};
 use aya::maps::{MapData, PerCpuArray};
 use gatewayd_common::maps::EgressCounters;
@@ -93,6 +94,19 @@ pub struct Metrics {
     /// Live NAT entries as of the last garbage collection, and the table's capacity.
     nat_entries: AtomicI64,
     nat_capacity: AtomicI64,
+    /// The Kubernetes clusters followed.
+    clusters: Mutex<Vec<SharedStatus>>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClusterLabels {
+    cluster: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClusterStateLabels {
+    cluster: String,
+    state: &'static str,
 }
 
 impl Metrics {
@@ -106,7 +120,43 @@ impl Metrics {
             counters: Mutex::new(None),
             nat_entries: AtomicI64::new(0),
             nat_capacity: AtomicI64::new(0),
+            clusters: Mutex::default(),
         })
+    }
+
+    pub fn set_clusters(&self, clusters: Vec<SharedStatus>) {
+        *self.clusters.lock().expect("clusters lock") = clusters;
+    }
+
+    /// Per-cluster sync state (one series per state, 1 for the current one) and staleness.
+    fn register_clusters(&self, registry: &mut Registry) {
+        let states = Family::<ClusterStateLabels, Gauge>::default();
+        let ages = Family::<ClusterLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        for status in self.clusters.lock().expect("clusters lock").iter() {
+            let s = status.lock().expect("status").clone();
+            for state in [SyncState::Connecting, SyncState::Synced, SyncState::Stale] {
+                states
+                    .get_or_create(&ClusterStateLabels {
+                        cluster: s.name.clone(),
+                        state: state.as_str(),
+                    })
+                    .set(i64::from(s.state == state));
+            }
+            if let Some(t) = s.last_event {
+                ages.get_or_create(&ClusterLabels { cluster: s.name })
+                    .set(t.elapsed().as_secs_f64());
+            }
+        }
+        registry.register(
+            "k8s_cluster_state",
+            "Kubernetes sync state per cluster: 1 for the current state (connecting, synced, stale)",
+            states,
+        );
+        registry.register(
+            "k8s_cluster_last_event_age_seconds",
+            "Seconds since a cluster's watches last delivered an event",
+            ages,
+        );
     }
 
     pub fn set_nat_entries(&self, live: usize, capacity: u32) {
@@ -297,6 +347,8 @@ impl Metrics {
             "Capacity of the egress NAT table",
             nat_capacity,
         );
+
+        self.register_clusters(&mut registry);
 
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry)?;

@@ -1,5 +1,5 @@
 //! The desired state of the dataplane: what should be served, independent of where it came from
-//! (the TOML file today, Kubernetes later) and of how it is programmed (BPF maps).
+//! (the TOML file, Kubernetes clusters) and of how it is programmed (BPF maps).
 
 use ipnet::IpNet;
 use std::collections::BTreeMap;
@@ -118,10 +118,22 @@ pub struct Peer {
     pub allowed_ips: Vec<IpNet>,
 }
 
+/// The security identity of one pod address (Kubernetes; see docs/kubernetes.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Cluster id in the top 8 bits, a hash of the pod's security-relevant labels below.
+    pub id: u32,
+    pub cluster: String,
+    pub namespace: String,
+    pub pod: String,
+}
+
 /// Everything the reconciler programs, from every source merged.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub services: BTreeMap<ServiceKey, Service>,
     pub egress_policies: Vec<EgressPolicy>,
     pub peers: Vec<Peer>,
+    /// Pod address -> identity, from the Kubernetes clusters.
+    pub identities: BTreeMap<IpAddr, Identity>,
 }

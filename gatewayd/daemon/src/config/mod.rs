@@ -15,7 +15,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-pub use validate::{AnyHost, Host, SystemHost};
+pub use validate::{is_wireguard_key, AnyHost, Host, SystemHost};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/gatewayd/gatewayd.toml";
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/gatewayd";
@@ -113,10 +113,34 @@ impl LbSettings {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cluster {
+    /// 1-255: the top byte of every security identity from this cluster.
     pub id: u32,
     pub name: String,
     pub access: ClusterAccess,
+    /// Services of type LoadBalancer with this `spec.loadBalancerClass` are served.
+    pub load_balancer_class: String,
+    /// Label keys (exact, or prefixes ending in `/` or `*`) that do not make an identity.
+    pub identity_ignore_labels: Vec<String>,
+    /// UDP port of the WireGuard endpoint of this cluster's nodes.
+    pub wireguard_port: u16,
+    /// LB-IPAM: VIPs for served Services that have none, written to their status. Empty: off.
+    pub address_pools: Vec<IpNet>,
 }
+
+pub const DEFAULT_LOAD_BALANCER_CLASS: &str = "gatewayd.io/dsr";
+pub const DEFAULT_WIREGUARD_PORT: u16 = 51820;
+/// Labels that change with every rollout or pod and say nothing about what a pod may do.
+pub const DEFAULT_IDENTITY_IGNORE_LABELS: &[&str] = &[
+    "pod-template-hash",
+    "controller-revision-hash",
+    "pod-template-generation",
+    "statefulset.kubernetes.io/pod-name",
+    "apps.kubernetes.io/pod-index",
+    "batch.kubernetes.io/controller-uid",
+    "batch.kubernetes.io/job-name",
+    "controller-uid",
+    "job-name",
+];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClusterAccess {
@@ -522,6 +546,47 @@ name = "c"
                 "peers[0].public_key",
                 "clusters[0].kubeconfig",
                 "clusters[0].id"
+            ]
+        );
+    }
+
+    #[test]
+    fn clusters_have_defaults_and_checked_sync_settings() {
+        let config = parse(
+            r#"
+[[clusters]]
+id = 2
+name = "prod"
+kubeconfig = "/etc/gatewayd/prod.kubeconfig"
+"#,
+            &HOST,
+        )
+        .unwrap();
+        let c = &config.settings.clusters[0];
+        assert_eq!(c.load_balancer_class, DEFAULT_LOAD_BALANCER_CLASS);
+        assert_eq!(c.wireguard_port, 51820);
+        assert!(c.identity_ignore_labels.iter().any(|l| l == "pod-template-hash"));
+
+        let text = r#"
+[[clusters]]
+id = 1
+name = "a/b"
+server = "https://10.0.0.10:6443"
+token_file = "/etc/gatewayd/token"
+load_balancer_class = ""
+identity_ignore_labels = ["app", "x=y"]
+wireguard_port = 0
+address_pools = ["10.100.0.1/24"]
+"#;
+        let paths: Vec<String> = errors(text).into_iter().map(|e| e.path).collect();
+        assert_eq!(
+            paths,
+            [
+                "clusters[0].name",
+                "clusters[0].load_balancer_class",
+                "clusters[0].identity_ignore_labels[1]",
+                "clusters[0].wireguard_port",
+                "clusters[0].address_pools[0]"
             ]
         );
     }

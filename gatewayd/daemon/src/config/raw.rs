@@ -140,4 +140,9 @@ pub struct RawCluster {
     pub server: Option<String>,
     pub token_file: Option<String>,
     pub ca_file: Option<String>,
+    pub load_balancer_class: Option<String>,
+    pub identity_ignore_labels: Option<Vec<String>>,
+    pub wireguard_port: Option<u16>,
+    #[serde(default)]
+    pub address_pools: Vec<String>,
 }

@@ -117,6 +117,7 @@ pub(super) fn validate(raw: RawConfig, host: &dyn Host) -> Result<Config, Vec<Co
                 services,
                 egress_policies,
                 peers,
+                ..DesiredState::default()
             },
         })
     } else {
@@ -589,7 +590,7 @@ fn peers(c: &mut Checker, raw: &[RawPeer]) -> Vec<Peer> {
 }
 
 /// A WireGuard key is 32 bytes in standard base64: 43 characters and one `=`.
-fn is_wireguard_key(key: &str) -> bool {
+pub fn is_wireguard_key(key: &str) -> bool {
     key.len() == 44
         && key.ends_with('=')
         && key[..43]
@@ -621,7 +622,45 @@ fn clusters(c: &mut Checker, raw: &[RawCluster]) -> Vec<Cluster> {
                     return None;
                 }
             };
-            Some(Cluster { id: r.id, name: r.name.clone(), access })
+            if r.name.is_empty() || r.name.contains('/') {
+                c.error(p("name"), Some(format!("{:?}", r.name)), "must be non-empty and without '/' (it prefixes the names of the cluster's services)");
+            }
+            let load_balancer_class = r
+                .load_balancer_class
+                .clone()
+                .unwrap_or_else(|| DEFAULT_LOAD_BALANCER_CLASS.into());
+            if load_balancer_class.is_empty() {
+                c.error(p("load_balancer_class"), Some("\"\"".into()), "must not be empty");
+            }
+            let identity_ignore_labels = match &r.identity_ignore_labels {
+                Some(labels) => {
+                    for (j, l) in labels.iter().enumerate() {
+                        if l.is_empty() || l.contains('=') {
+                            c.error(
+                                format!("clusters[{i}].identity_ignore_labels[{j}]"),
+                                Some(format!("{l:?}")),
+                                "must be a label key or a prefix ending in '/' or '*'",
+                            );
+                        }
+                    }
+                    labels.clone()
+                }
+                None => DEFAULT_IDENTITY_IGNORE_LABELS.iter().map(|l| l.to_string()).collect(),
+            };
+            let wireguard_port = r.wireguard_port.unwrap_or(DEFAULT_WIREGUARD_PORT);
+            if wireguard_port == 0 {
+                c.error(p("wireguard_port"), Some("0".into()), "must be 1-65535");
+            }
+            let address_pools = c.cidrs(&p("address_pools"), &r.address_pools);
+            Some(Cluster {
+                id: r.id,
+                name: r.name.clone(),
+                access,
+                load_balancer_class,
+                identity_ignore_labels,
+                wireguard_port,
+                address_pools,
+            })
         })
         .collect()
 }

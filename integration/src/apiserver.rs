@@ -1,0 +1,634 @@
+//! A test Kubernetes API server, faithful enough for kube-rs' own watchers and reflectors.
+//!
+//! No current kube-apiserver can be installed on the test machines (see docs/kubernetes.md), so
+//! this copies the behaviour gatewayd relies on, as measured against kube 5:
+//! - lists carry `metadata.resourceVersion`, and page with `limit` / `continue`;
+//! - watches are NDJSON streams of `{"type": ADDED|MODIFIED|DELETED|BOOKMARK|ERROR, "object"}`
+//!   starting after the requested resourceVersion; they end after `timeoutSeconds`;
+//! - a resourceVersion older than the (compactable) history gets an in-stream `ERROR` event
+//!   whose Status has `code: 410` on an HTTP 200 response, as the real server sends;
+//! - bookmarks (`allowWatchBookmarks`) carry apiVersion, kind and metadata.resourceVersion;
+//! - every stored object gets a non-empty resourceVersion, a uid and a creationTimestamp;
+//! - `PATCH` (merge patch) and `PUT` of the `status` subresource.
+//!
+//! Objects are plain JSON: the server knows a resource by its group and plural only, so any
+//! kind in [`KINDS`] (and any new one added there) is served the same way. Label and field
+//! selectors are not implemented: gatewayd watches whole collections.
+//!
+//! The server runs on its own runtime and thread: [`ApiServer::stop`] kills every connection at
+//! once (like a crashed API server), [`ApiServer::start`] serves the same store again on a given
+//! listener, e.g. the same port; [`ApiServer::compact`] forgets the event history so watchers
+//! that come back with an old resourceVersion get 410 and must relist.
+
+use anyhow::{anyhow, bail, Context, Result};
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, State};
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+/// kind -> (plural, namespaced) for the kinds gatewayd watches.
+pub const KINDS: &[(&str, &str, bool)] = &[
+    ("Service", "services", true),
+    ("EndpointSlice", "endpointslices", true),
+    ("Pod", "pods", true),
+    ("Namespace", "namespaces", false),
+    ("Node", "nodes", false),
+    ("EgressGatewayPolicy", "egressgatewaypolicies", false),
+];
+
+/// How often an idle watch gets a bookmark.
+const BOOKMARK_PERIOD: Duration = Duration::from_secs(1);
+
+/// A resource collection: API group ("" for core) and plural.
+type ResourceKey = (String, String);
+/// (namespace or "", name)
+type ObjectKey = (String, String);
+
+#[derive(Clone)]
+struct WatchEvent {
+    resource_version: u64,
+    kind: &'static str,
+    object: Value,
+}
+
+#[derive(Default)]
+struct Collection {
+    objects: BTreeMap<ObjectKey, Value>,
+    history: Vec<WatchEvent>,
+}
+
+struct Store {
+    resource_version: u64,
+    /// Events at or below this resourceVersion are forgotten: watching from before it is 410.
+    compacted: u64,
+    collections: HashMap<ResourceKey, Collection>,
+    uid: u64,
+}
+
+struct Shared {
+    store: Mutex<Store>,
+    /// The newest resourceVersion: wakes every watch.
+    changed: watch::Sender<u64>,
+    /// Bumped to end every open watch (a dropped connection, seen from the client).
+    epoch: watch::Sender<u64>,
+}
+
+/// The API server: its objects survive [`ApiServer::stop`] / [`ApiServer::start`].
+pub struct ApiServer {
+    shared: Arc<Shared>,
+    running: Option<(tokio::runtime::Runtime, SocketAddr)>,
+}
+
+fn resource_key(api_version: &str, plural: &str) -> ResourceKey {
+    let group = api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
+    (group.to_owned(), plural.to_owned())
+}
+
+fn kind_info(kind: &str) -> Result<(&'static str, &'static str, bool)> {
+    KINDS
+        .iter()
+        .find(|(k, _, _)| *k == kind)
+        .copied()
+        .ok_or_else(|| anyhow!("the test API server does not serve kind {kind}"))
+}
+
+impl Default for ApiServer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ApiServer {
+    /// An empty store, not serving yet.
+    pub fn new() -> Self {
+        ApiServer {
+            shared: Arc::new(Shared {
+                store: Mutex::new(Store {
+                    resource_version: 1,
+                    compacted: 0,
+                    collections: HashMap::new(),
+                    uid: 0,
+                }),
+                changed: watch::channel(1).0,
+                epoch: watch::channel(0).0,
+            }),
+            running: None,
+        }
+    }
+
+    /// The server as a tower service, for in-process clients (`kube::Client::new`).
+    pub fn router(&self) -> axum::Router {
+        axum::Router::new()
+            .fallback(handle)
+            .with_state(self.shared.clone())
+    }
+
+    /// Serves on `listener` (bound by the caller, e.g. inside a network namespace) from a
+    /// runtime of its own.
+    pub fn start(&mut self, listener: std::net::TcpListener) -> Result<SocketAddr> {
+        self.stop();
+        let addr = listener.local_addr()?;
+        listener.set_nonblocking(true)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let router = self.router();
+        runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+            let _ = axum::serve(listener, router).await;
+        });
+        self.running = Some((runtime, addr));
+        Ok(addr)
+    }
+
+    /// Stops serving: the listener and every connection close at once.
+    pub fn stop(&mut self) {
+        if let Some((runtime, _)) = self.running.take() {
+            runtime.shutdown_background();
+        }
+    }
+
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.running.as_ref().map(|(_, a)| *a)
+    }
+
+    /// A kubeconfig for this server (plain http, no credentials), context `test`.
+    pub fn kubeconfig(&self) -> Result<String> {
+        let addr = self
+            .addr()
+            .ok_or_else(|| anyhow!("the API server is not running"))?;
+        Ok(format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: test\nclusters:\n- name: test\n  cluster:\n    server: http://{addr}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: test\nusers:\n- name: test\n  user: {{}}\n"
+        ))
+    }
+
+    /// Ends every open watch; clients reconnect (to a running server) from their last version.
+    pub fn drop_connections(&self) {
+        self.shared.epoch.send_modify(|e| *e += 1);
+    }
+
+    /// Forgets the event history: a watch from any older version now gets 410 Gone.
+    pub fn compact(&self) {
+        let mut store = self.shared.store.lock().expect("store");
+        store.compacted = store.resource_version;
+        for c in store.collections.values_mut() {
+            c.history.clear();
+        }
+    }
+
+    /// Creates or replaces an object (`apiVersion`, `kind` and `metadata.name` required);
+    /// returns its new resourceVersion.
+    pub fn apply(&self, object: Value) -> Result<u64> {
+        let kind = object["kind"].as_str().context("object without kind")?;
+        let (kind, plural, namespaced) = kind_info(kind)?;
+        let api_version = object["apiVersion"]
+            .as_str()
+            .context("object without apiVersion")?;
+        let key = resource_key(api_version, plural);
+        let name = object["metadata"]["name"]
+            .as_str()
+            .context("object without metadata.name")?;
+        let namespace = object["metadata"]["namespace"].as_str().unwrap_or("");
+        if namespaced == namespace.is_empty() {
+            bail!("{kind} {name}: namespaced is {namespaced} but metadata.namespace is {namespace:?}");
+        }
+        let object_key = (namespace.to_owned(), name.to_owned());
+        Ok(self.shared.write(key, object_key, |_| Some(object)))
+    }
+
+    /// Deletes an object; returns false if there was none.
+    pub fn delete(&self, api_version: &str, kind: &str, namespace: Option<&str>, name: &str) -> Result<bool> {
+        let (kind, plural, _) = kind_info(kind)?;
+        let key = resource_key(api_version, plural);
+        let object_key = (namespace.unwrap_or("").to_owned(), name.to_owned());
+        let existed = self.get(api_version, kind, namespace, name).is_some();
+        self.shared.write(key, object_key, |_| None);
+        Ok(existed)
+    }
+
+    /// The stored object, e.g. to read a status the client wrote.
+    pub fn get(&self, api_version: &str, kind: &str, namespace: Option<&str>, name: &str) -> Option<Value> {
+        let (_, plural, _) = kind_info(kind).ok()?;
+        let store = self.shared.store.lock().expect("store");
+        store
+            .collections
+            .get(&resource_key(api_version, plural))?
+            .objects
+            .get(&(namespace.unwrap_or("").to_owned(), name.to_owned()))
+            .cloned()
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Shared {
+    /// Replaces (`Some`) or deletes (`None`) one object, stamping metadata and recording the
+    /// event; returns the new resourceVersion.
+    fn write(
+        &self,
+        key: ResourceKey,
+        object_key: ObjectKey,
+        change: impl FnOnce(Option<&Value>) -> Option<Value>,
+    ) -> u64 {
+        let mut guard = self.store.lock().expect("store");
+        let store = &mut *guard;
+        store.resource_version += 1;
+        let rv = store.resource_version;
+        store.uid += 1;
+        let uid = store.uid;
+        let collection = store.collections.entry(key).or_default();
+        let old = collection.objects.get(&object_key).cloned();
+        let event = match change(old.as_ref()) {
+            Some(mut object) => {
+                let meta = &mut object["metadata"];
+                meta["resourceVersion"] = json!(rv.to_string());
+                let (uid, created) = match &old {
+                    Some(o) => (
+                        o["metadata"]["uid"].clone(),
+                        o["metadata"]["creationTimestamp"].clone(),
+                    ),
+                    None => (
+                        json!(format!("00000000-0000-4000-8000-{uid:012}")),
+                        json!("2026-01-01T00:00:00Z"),
+                    ),
+                };
+                meta["uid"] = uid;
+                meta["creationTimestamp"] = created;
+                collection.objects.insert(object_key, object.clone());
+                WatchEvent {
+                    resource_version: rv,
+                    kind: if old.is_some() { "MODIFIED" } else { "ADDED" },
+                    object,
+                }
+            }
+            None => {
+                let Some(mut object) = collection.objects.remove(&object_key) else {
+                    return rv;
+                };
+                object["metadata"]["resourceVersion"] = json!(rv.to_string());
+                WatchEvent {
+                    resource_version: rv,
+                    kind: "DELETED",
+                    object,
+                }
+            }
+        };
+        collection.history.push(event);
+        drop(guard);
+        self.changed.send_replace(rv);
+        rv
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct Params {
+    watch: Option<String>,
+    resource_version: Option<String>,
+    timeout_seconds: Option<u64>,
+    allow_watch_bookmarks: Option<bool>,
+    limit: Option<usize>,
+    #[serde(rename = "continue")]
+    continue_token: Option<String>,
+}
+
+/// What a request path names.
+struct Target {
+    api_version: String,
+    key: ResourceKey,
+    namespace: Option<String>,
+    name: Option<String>,
+    status: bool,
+}
+
+fn parse_path(path: &str) -> Option<Target> {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (api_version, rest) = match segments.as_slice() {
+        ["api", version, rest @ ..] => (version.to_string(), rest),
+        ["apis", group, version, rest @ ..] => (format!("{group}/{version}"), rest),
+        _ => return None,
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", ns, plural, rest @ ..] => (Some(ns.to_string()), {
+            let mut v = vec![*plural];
+            v.extend_from_slice(rest);
+            v
+        }),
+        other => (None, other.to_vec()),
+    };
+    let (plural, name, status) = match rest.as_slice() {
+        [plural] => (*plural, None, false),
+        [plural, name] => (*plural, Some(name.to_string()), false),
+        [plural, name, "status"] => (*plural, Some(name.to_string()), true),
+        _ => return None,
+    };
+    Some(Target {
+        key: resource_key(&api_version, plural),
+        api_version,
+        namespace,
+        name,
+        status,
+    })
+}
+
+fn status(code: StatusCode, reason: &str, message: String) -> Response {
+    (
+        code,
+        axum::Json(json!({
+            "apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
+            "message": message, "reason": reason, "code": code.as_u16(),
+        })),
+    )
+        .into_response()
+}
+
+async fn handle(
+    State(shared): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    Query(params): Query<Params>,
+    body: Bytes,
+) -> Response {
+    let Some(target) = parse_path(uri.path()) else {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("no route {}", uri.path()),
+        );
+    };
+    match (method, &target.name) {
+        (Method::GET, None)
+            if params.watch.as_deref() == Some("true") || params.watch.as_deref() == Some("1") =>
+        {
+            watch_collection(shared, target, params)
+        }
+        (Method::GET, None) => list(&shared, &target, &params),
+        (Method::GET, Some(name)) => {
+            let store = shared.store.lock().expect("store");
+            let key = (target.namespace.clone().unwrap_or_default(), name.clone());
+            match store
+                .collections
+                .get(&target.key)
+                .and_then(|c| c.objects.get(&key))
+            {
+                Some(o) => axum::Json(o.clone()).into_response(),
+                None => status(StatusCode::NOT_FOUND, "NotFound", format!("{name} not found")),
+            }
+        }
+        (Method::PATCH | Method::PUT, Some(name)) => {
+            let Ok(update) = serde_json::from_slice::<Value>(&body) else {
+                return status(StatusCode::BAD_REQUEST, "BadRequest", "body is not JSON".into());
+            };
+            update_object(&shared, &target, name, update)
+        }
+        (m, _) => status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            format!("{m} not served"),
+        ),
+    }
+}
+
+/// PUT replaces the object (or, on `/status`, its status); PATCH merges (RFC 7386).
+fn update_object(shared: &Shared, target: &Target, name: &str, update: Value) -> Response {
+    let object_key = (target.namespace.clone().unwrap_or_default(), name.to_owned());
+    let is_patch = update.get("apiVersion").is_none();
+    shared.write(target.key.clone(), object_key, |old| {
+        // Gone meanwhile: None deletes nothing, and the read below answers 404.
+        let mut object = old?.clone();
+        if target.status {
+            if is_patch {
+                merge_patch(
+                    &mut object["status"],
+                    update.get("status").unwrap_or(&Value::Null),
+                );
+            } else {
+                object["status"] = update["status"].clone();
+            }
+        } else if is_patch {
+            merge_patch(&mut object, &update);
+        } else {
+            object = update;
+        }
+        Some(object)
+    });
+    // The stored object carries the stamped version: read it back.
+    let store = shared.store.lock().expect("store");
+    let key = (target.namespace.clone().unwrap_or_default(), name.to_owned());
+    match store
+        .collections
+        .get(&target.key)
+        .and_then(|c| c.objects.get(&key))
+    {
+        Some(o) => axum::Json(o.clone()).into_response(),
+        None => status(StatusCode::NOT_FOUND, "NotFound", format!("{name} not found")),
+    }
+}
+
+fn merge_patch(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(fields) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let map = target.as_object_mut().expect("object");
+            for (k, v) in fields {
+                if v.is_null() {
+                    map.remove(k);
+                } else {
+                    merge_patch(map.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+fn list_kind(target: &Target, store: &Store) -> String {
+    store
+        .collections
+        .get(&target.key)
+        .and_then(|c| c.objects.values().next())
+        .and_then(|o| o["kind"].as_str())
+        .map(|k| format!("{k}List"))
+        .or_else(|| {
+            KINDS
+                .iter()
+                .find(|(_, plural, _)| *plural == target.key.1)
+                .map(|(k, _, _)| format!("{k}List"))
+        })
+        .unwrap_or_else(|| "List".into())
+}
+
+fn list(shared: &Shared, target: &Target, params: &Params) -> Response {
+    let store = shared.store.lock().expect("store");
+    let empty = Collection::default();
+    let collection = store.collections.get(&target.key).unwrap_or(&empty);
+    let in_scope = |ns: &str| target.namespace.as_deref().is_none_or(|wanted| wanted == ns);
+    // A continue token is "<resourceVersion>/<offset>": later pages show the same snapshot only
+    // as far as this store can (it keeps no old versions), which is enough for paging tests.
+    let (list_rv, offset) = match params.continue_token.as_deref().and_then(|t| t.split_once('/')) {
+        Some((rv, offset)) => (
+            rv.parse().unwrap_or(store.resource_version),
+            offset.parse().unwrap_or(0),
+        ),
+        None => (store.resource_version, 0),
+    };
+    let matching: Vec<&Value> = collection
+        .objects
+        .iter()
+        .filter(|((ns, _), _)| in_scope(ns))
+        .map(|(_, o)| o)
+        .collect();
+    let limit = params.limit.filter(|l| *l > 0).unwrap_or(usize::MAX);
+    let page: Vec<Value> = matching
+        .iter()
+        .skip(offset)
+        .take(limit)
+        .map(|o| (*o).clone())
+        .collect();
+    let mut metadata = json!({ "resourceVersion": list_rv.to_string() });
+    if offset + page.len() < matching.len() {
+        metadata["continue"] = json!(format!("{list_rv}/{}", offset + page.len()));
+        metadata["remainingItemCount"] = json!(matching.len() - offset - page.len());
+    }
+    axum::Json(json!({
+        "apiVersion": target.api_version,
+        "kind": list_kind(target, &store),
+        "metadata": metadata,
+        "items": page,
+    }))
+    .into_response()
+}
+
+fn watch_collection(shared: Arc<Shared>, target: Target, params: Params) -> Response {
+    let from: u64 = match params.resource_version.as_deref() {
+        // "" and "0" mean "from now" (the real server starts with synthetic ADDED events for
+        // "0" when no version is given; kube always lists first, so this is not needed).
+        None | Some("") | Some("0") => shared.store.lock().expect("store").resource_version,
+        Some(v) => match v.parse() {
+            Ok(v) => v,
+            Err(_) => {
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    format!("resourceVersion {v:?}"),
+                )
+            }
+        },
+    };
+    let timeout = Duration::from_secs(params.timeout_seconds.unwrap_or(1800));
+    let bookmarks = params.allow_watch_bookmarks.unwrap_or(false);
+    let (lines, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(64);
+    tokio::spawn(stream_events(shared, target, from, timeout, bookmarks, lines));
+    let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }));
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(body)
+        .expect("response")
+}
+
+fn line(value: Value) -> Result<Bytes, std::io::Error> {
+    let mut out = serde_json::to_vec(&value).expect("json");
+    out.push(b'\n');
+    Ok(Bytes::from(out))
+}
+
+async fn stream_events(
+    shared: Arc<Shared>,
+    target: Target,
+    mut sent: u64,
+    timeout: Duration,
+    bookmarks: bool,
+    lines: mpsc::Sender<Result<Bytes, std::io::Error>>,
+) {
+    let mut changed = shared.changed.subscribe();
+    let mut epoch = shared.epoch.subscribe();
+    epoch.mark_unchanged();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut bookmark = tokio::time::interval(BOOKMARK_PERIOD);
+    loop {
+        changed.mark_unchanged();
+        let compacted = {
+            let store = shared.store.lock().expect("store");
+            (sent < store.compacted).then_some(store.compacted)
+        };
+        if let Some(compacted) = compacted {
+            let message = format!("too old resource version: {sent} ({compacted})");
+            let _ = lines
+                .send(line(json!({
+                        "type": "ERROR",
+                        "object": {
+                            "apiVersion": "v1", "kind": "Status", "metadata": {},
+                            "status": "Failure", "message": message, "reason": "Expired", "code": 410,
+                        },
+                })))
+                .await;
+            return;
+        }
+        let (events, current, kind) = {
+            let store = shared.store.lock().expect("store");
+            let in_scope = |o: &Value| {
+                target
+                    .namespace
+                    .as_deref()
+                    .is_none_or(|ns| o["metadata"]["namespace"].as_str() == Some(ns))
+            };
+            let events: Vec<WatchEvent> = store
+                .collections
+                .get(&target.key)
+                .map(|c| {
+                    c.history
+                        .iter()
+                        .filter(|e| e.resource_version > sent && in_scope(&e.object))
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            (events, store.resource_version, list_kind(&target, &store))
+        };
+        for e in events {
+            if lines
+                .send(line(json!({ "type": e.kind, "object": e.object })))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        sent = current;
+        tokio::select! {
+            _ = changed.changed() => {}
+            _ = epoch.changed() => return,
+            _ = tokio::time::sleep_until(deadline) => return,
+            _ = bookmark.tick(), if bookmarks => {
+                let bookmark = json!({
+                    "type": "BOOKMARK",
+                    "object": {
+                        "apiVersion": target.api_version,
+                        "kind": kind.trim_end_matches("List"),
+                        "metadata": { "resourceVersion": sent.to_string() },
+                    },
+                });
+                if lines.send(line(bookmark)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
