@@ -386,3 +386,171 @@ allowed_ips = ["10.83.0.0/24"]
     }
     Ok(())
 }
+
+/// The DSR leg through the tunnel:
+///
+/// ```text
+///  client 10.74.0.2 ── lan ── gateway (XDP LB on lan, boringtun) ══ WireGuard over underlay ══
+///      node (wireguard-go) ── backend 10.81.0.10 (VIP on lo, decap on its veth)
+/// ```
+///
+/// The backend's route leaves the gateway through the WireGuard interface: the LB encapsulates
+/// and hands the packet to the kernel, which routes it into the tunnel; the node forwards the
+/// decrypted IPIP packet to the backend, whose answer goes straight back to the client.
+#[test]
+fn dsr_to_a_backend_behind_a_wireguard_peer_goes_through_the_tunnel() -> Result<()> {
+    if !require_root("dsr_to_a_backend_behind_a_wireguard_peer_goes_through_the_tunnel") {
+        return Ok(());
+    }
+    const VIP: &str = "10.100.9.1";
+    const CLIENT: &str = "10.74.0.2";
+    const LB: &str = "10.74.0.1";
+    const BACKEND: &str = "10.81.0.10";
+    let gw = Netns::new("gdeg")?;
+    let scratch = Scratch::new()?;
+    let underlay = unique("uga");
+    let node = Node::new(&gw, &scratch, 1, &underlay)?;
+
+    let client = Netns::new("gdec")?;
+    let lan_if = unique("lan");
+    veth(
+        &gw,
+        &lan_if,
+        &[&format!("{LB}/24")],
+        &client,
+        "eth0",
+        &[&format!("{CLIENT}/24")],
+    )?;
+    client.exec(&["ip", "route", "add", VIP, "via", LB])?;
+    client
+        .exec(&["ethtool", "-K", "eth0", "tx", "off"])
+        .context("ethtool is needed (apt-get install ethtool)")?;
+    for (key, value) in [
+        ("net.ipv4.ip_forward", "1"),
+        // The encapsulated packet the LB passes to the kernel has the gateway's own address as
+        // its source: forwarded only with accept_local on the interface it arrived on.
+        (&format!("net.ipv4.conf.{lan_if}.accept_local") as &str, "1"),
+    ] {
+        gw.sysctl(key, value)?;
+    }
+
+    let backend = Netns::new("gdeb")?;
+    let node_if = unique("nbe");
+    veth(
+        &node.ns,
+        &node_if,
+        &["10.81.0.254/24"],
+        &backend,
+        "eth0",
+        &[&format!("{BACKEND}/24")],
+    )?;
+    backend.exec(&["ip", "route", "add", "default", "via", "10.81.0.254"])?;
+    backend.exec(&["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
+    let _decap = Decap::attach(&backend, "eth0", None)?;
+    let _server = BackendServer::start(&backend, "b1", &[format!("{VIP}:80").parse()?], &[])?;
+    node.ns.sysctl("net.ipv4.ip_forward", "1")?;
+    // Packets from the LB arrive on the tunnel, replies to the client leave by the underlay.
+    for conf in ["all", "default", node.wg.ifname.as_str()] {
+        node.ns.sysctl(&format!("net.ipv4.conf.{conf}.rp_filter"), "0")?;
+    }
+    node.ns.exec(&[
+        "ip",
+        "route",
+        "add",
+        "10.74.0.0/24",
+        "via",
+        &node.gateway_underlay,
+    ])?;
+
+    let wg_if = unique("gwg");
+    let config = format!(
+        r#"{daemon}
+[[interfaces]]
+name = "{lan_if}"
+xdp_mode = "native"
+
+[[services]]
+name = "web"
+vip = "{VIP}"
+port = 80
+backends = [{{ address = "{BACKEND}" }}]
+
+[encryption]
+mode = "wireguard"
+
+[encryption.wireguard]
+interface = "{wg_if}"
+implementation = "userspace"
+address = "{GW_TUNNEL}/24"
+
+{peer}"#,
+        daemon = scratch.daemon_table(),
+        peer = node.peer_toml("node")
+    );
+    let path = scratch.write("gatewayd.toml", &config)?;
+    let mut daemon = Daemon::spawn(&gw, &scratch, &path)?;
+    daemon.wait_notify("READY=1", READY_TIMEOUT)?;
+    let status = gatewayctl(&scratch, &["encryption", "status"])?;
+    let gateway_key = status["wireguard"]["public_key"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    // The node accepts the LB's encapsulated packets (source: the LB's address) from the tunnel.
+    node.ns.exec(&[
+        "wg",
+        "set",
+        &node.wg.ifname,
+        "peer",
+        &gateway_key,
+        "endpoint",
+        &format!("{}:{WG_PORT}", node.gateway_underlay),
+        "allowed-ips",
+        &format!("10.99.0.0/24,{LB}/32"),
+    ])?;
+
+    let capture = Capture::start(&gw, &underlay, "", scratch.path("underlay.pcap"))?;
+    let vip: SocketAddr = format!("{VIP}:80").parse()?;
+    let answered_by = wait_for("a connection to the VIP", Duration::from_secs(30), || {
+        let Ok(mut conn) = client.tcp_connect(vip, Duration::from_secs(3)) else {
+            return Ok(None);
+        };
+        Ok(tcp_exchange(&mut conn, "hello", Duration::from_secs(5)).ok())
+    })?;
+    assert_eq!(answered_by, "b1");
+    // Several more connections and lines: the later packets take the route the first one
+    // resolved (the tunnel device's neighbour exists by then).
+    for i in 0..5 {
+        let mut conn = client.tcp_connect(vip, Duration::from_secs(10))?;
+        for j in 0..3 {
+            assert_eq!(
+                tcp_exchange(&mut conn, &format!("m{i}-{j}"), Duration::from_secs(10))?,
+                "b1"
+            );
+        }
+    }
+    assert!(
+        _decap.decapsulated()? > 0,
+        "the backend decapsulated the LB's packets"
+    );
+    let file = capture.stop()?;
+    assert!(!pcap_read(&file, &format!("udp port {WG_PORT}"))?.is_empty());
+    let plain = pcap_read(&file, &format!("ip and not udp port {WG_PORT}"))?;
+    assert!(
+        plain.iter().all(|p| !p.contains(&format!("{LB} > {BACKEND}"))),
+        "the encapsulated packets crossed the underlay only inside the tunnel:\n{}",
+        plain.join("\n")
+    );
+    let stats = gatewayctl(&scratch, &["lb", "stats"])?;
+    let passed = stats["reasons"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["reason"] == "l3_device_pass")
+        .and_then(|r| r["packets"].as_u64())
+        .unwrap_or(0);
+    assert!(
+        passed > 0,
+        "the LB handed tunnel-bound packets to the kernel: {stats}"
+    );
+    Ok(())
+}
