@@ -554,3 +554,150 @@ address = "{GW_TUNNEL}/24"
     );
     Ok(())
 }
+
+/// A rejected reload leaves the tunnel as it was; leaving WireGuard mode removes the device and
+/// its routes; a restarted daemon builds the boringtun device again and traffic resumes.
+#[test]
+fn rejected_reloads_mode_changes_and_restarts_of_the_userspace_tunnel() -> Result<()> {
+    if !require_root("rejected_reloads_mode_changes_and_restarts_of_the_userspace_tunnel") {
+        return Ok(());
+    }
+    let gw = Netns::new("gdeg")?;
+    let scratch = Scratch::new()?;
+    let a = Node::new(&gw, &scratch, 1, &unique("uga"))?;
+    let wg_if = unique("gwg");
+    let good = gateway_config(&scratch, &wg_if, &a.peer_toml("node-a"));
+    let path = scratch.write("gatewayd.toml", &good)?;
+    let mut daemon = Daemon::spawn(&gw, &scratch, &path)?;
+    daemon.wait_notify("READY=1", READY_TIMEOUT)?;
+    let status = gatewayctl(&scratch, &["encryption", "status"])?;
+    let gateway_key = status["wireguard"]["public_key"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    a.accept_gateway(&gateway_key)?;
+    wait_for("a ping through the tunnel", Duration::from_secs(30), || {
+        Ok(ping(&gw, &a.pod, 1).is_ok().then_some(()))
+    })?;
+
+    // Two peers claiming the same network: the device cannot hold that faithfully.
+    let mut clash = a.peer_toml("node-a");
+    clash.push_str(&format!(
+        "[[peers]]\nname = \"clash\"\npublic_key = \"{}\"\nallowed_ips = [\"{}\"]\n",
+        wg_keypair()?.1,
+        a.pod_cidr
+    ));
+    scratch.write("gatewayd.toml", &gateway_config(&scratch, &wg_if, &clash))?;
+    daemon.signal(libc::SIGHUP)?;
+    daemon.wait_notify("READY=1", READY_TIMEOUT)?;
+    let status = gatewayctl(&scratch, &["status"])?;
+    assert_eq!(status["last_reload"]["ok"], false, "{status}");
+    let message = status["last_reload"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&a.pod_cidr) && message.contains("clash"),
+        "{message}"
+    );
+    let peers = stdout(&gw.exec(&["wg", "show", &wg_if, "peers"])?);
+    assert_eq!(peers.trim(), a.public_key, "the running peers are untouched");
+    ping(&gw, &a.pod, 2)?;
+
+    // Encryption off: the device and its routes go.
+    reload(
+        &mut daemon,
+        &scratch,
+        &good.replace("mode = \"wireguard\"", "mode = \"none\""),
+    )?;
+    assert!(
+        gw.exec(&["ip", "link", "show", &wg_if]).is_err(),
+        "the interface is removed"
+    );
+    assert_eq!(gatewayctl(&scratch, &["encryption", "status"])?["mode"], "none");
+    // And on again, with the same key (the key file stays).
+    reload(&mut daemon, &scratch, &good)?;
+    let status = gatewayctl(&scratch, &["encryption", "status"])?;
+    assert_eq!(status["wireguard"]["public_key"], gateway_key.as_str());
+    wait_for(
+        "a ping after encryption came back",
+        Duration::from_secs(30),
+        || Ok(ping(&gw, &a.pod, 1).is_ok().then_some(())),
+    )?;
+
+    // A restart: the userspace device goes with the process and comes back with the next one.
+    daemon.signal(libc::SIGTERM)?;
+    assert_eq!(daemon.wait()?, Some(0));
+    assert!(gw.exec(&["ip", "link", "show", &wg_if]).is_err());
+    let mut daemon = Daemon::spawn(&gw, &scratch, &path)?;
+    daemon.wait_notify("READY=1", READY_TIMEOUT)?;
+    wait_for("a ping after the restart", Duration::from_secs(30), || {
+        Ok(ping(&gw, &a.pod, 1).is_ok().then_some(()))
+    })?;
+    let status = gatewayctl(&scratch, &["encryption", "status"])?;
+    assert_eq!(status["wireguard"]["public_key"], gateway_key.as_str());
+    Ok(())
+}
+
+/// `auto` takes the kernel module where the kernel has it and boringtun otherwise; `kernel` on
+/// a kernel without the module is a clear error.
+#[test]
+fn implementation_auto_falls_back_to_boringtun_and_kernel_needs_the_module() -> Result<()> {
+    if !require_root("implementation_auto_falls_back_to_boringtun_and_kernel_needs_the_module") {
+        return Ok(());
+    }
+    let gw = Netns::new("gdeg")?;
+    let probe = unique("wgp");
+    let kernel_has_wireguard = gw
+        .exec(&["ip", "link", "add", &probe, "type", "wireguard"])
+        .is_ok();
+    let _ = gw.exec(&["ip", "link", "del", &probe]);
+    let scratch = Scratch::new()?;
+    let wg_if = unique("gwg");
+    let config = |implementation: &str| {
+        gateway_config(&scratch, &wg_if, "").replace(
+            "implementation = \"userspace\"",
+            &format!("implementation = \"{implementation}\""),
+        )
+    };
+
+    let path = scratch.write("gatewayd.toml", &config("auto"))?;
+    let mut daemon = Daemon::spawn(&gw, &scratch, &path)?;
+    daemon.wait_notify("READY=1", READY_TIMEOUT)?;
+    let status = gatewayctl(&scratch, &["encryption", "status"])?;
+    let expected = if kernel_has_wireguard {
+        "kernel"
+    } else {
+        "userspace"
+    };
+    assert_eq!(status["wireguard"]["implementation"], expected, "{status}");
+    daemon.signal(libc::SIGTERM)?;
+    daemon.wait()?;
+    let teardown = gw
+        .command(&binary("gatewayd"))
+        .args(["teardown", "--config"])
+        .arg(&path)
+        .status()?;
+    assert!(teardown.success());
+    assert!(
+        gw.exec(&["ip", "link", "show", &wg_if]).is_err(),
+        "teardown leaves no interface"
+    );
+
+    scratch.write("gatewayd.toml", &config("kernel"))?;
+    let mut daemon = Daemon::spawn(&gw, &scratch, &path)?;
+    let started = daemon.wait_notify("READY=1", READY_TIMEOUT);
+    if kernel_has_wireguard {
+        started?;
+    } else {
+        let e = format!(
+            "{:#}",
+            started
+                .err()
+                .ok_or_else(|| anyhow!("started without the module"))?
+        );
+        assert!(
+            e.contains("wireguard module") && e.contains("CONFIG_WIREGUARD"),
+            "{e}"
+        );
+        assert!(gw.exec(&["ip", "link", "show", &wg_if]).is_err());
+    }
+    Ok(())
+}

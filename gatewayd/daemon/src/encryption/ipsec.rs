@@ -292,148 +292,23 @@ fn netlink_code(e: &xfrmnetlink::Error) -> Option<i32> {
     }
 }
 
-pub struct Ipsec {
-    settings: IpsecSettings,
-    local: IpAddr,
-    keys: BTreeMap<u8, InstalledKey>,
-    current: u8,
-    states: BTreeSet<StateId>,
-    policies: BTreeSet<PolicyId>,
-    peers: Vec<Peer>,
+/// gatewayd's XFRM states and policies in the current network namespace, over netlink.
+pub struct Xfrm {
     handle: xfrmnetlink::Handle,
 }
 
-/// What [`Ipsec::plan`] decided, executed by [`Ipsec::apply`].
-pub struct IpsecPlan {
-    keys: KeyPlan,
-    peers: Vec<Peer>,
-    states: BTreeSet<StateId>,
-    policies: BTreeSet<PolicyId>,
-}
-
-impl Ipsec {
-    /// Checks that the kernel can install ESP states before anything is installed; fails with
-    /// the missing kernel feature named, leaving no state or policy behind.
-    pub async fn start(settings: &IpsecSettings) -> Result<Self> {
-        let local = settings
-            .local_address
-            .context("encryption.ipsec.local_address is not set")?;
+impl Xfrm {
+    /// Opens the XFRM netlink socket; its connection runs on the current tokio runtime.
+    pub fn open() -> Result<Self> {
         let (connection, handle, _) =
             xfrmnetlink::new_connection().context("opening the XFRM netlink socket")?;
         tokio::spawn(connection);
-        let ipsec = Ipsec {
-            settings: settings.clone(),
-            local,
-            keys: BTreeMap::new(),
-            current: 0,
-            states: BTreeSet::new(),
-            policies: BTreeSet::new(),
-            peers: Vec::new(),
-            handle,
-        };
-        ipsec.probe_esp().await?;
-        // A previous daemon's states carry keys this one may no longer have: start clean, the
-        // first apply installs the current ones at once.
-        ipsec.remove_all().await?;
-        Ok(ipsec)
+        Ok(Xfrm { handle })
     }
 
-    async fn probe_esp(&self) -> Result<()> {
-        let key = vec![0u8; AEAD_KEY_LEN];
-        let add = self
-            .handle
-            .state()
-            .add(self.local, self.local)
-            .protocol(IPPROTO_ESP)
-            .spi(PROBE_SPI)
-            .mode(XFRM_MODE_TUNNEL)
-            .reqid(REQID)
-            .encryption_aead(AEAD, &key, ICV_BITS)?
-            .execute()
-            .await;
-        if let Err(e) = add {
-            if let Some(feature) = netlink_code(&e).and_then(missing_feature) {
-                bail!("IPsec mode cannot run: {feature}");
-            }
-            bail!("IPsec mode cannot run: installing a probe ESP state failed: {e}");
-        }
-        self.delete_state(StateId {
-            src: self.local,
-            dst: self.local,
-            spi: PROBE_SPI,
-        })
-        .await
-    }
-
-    /// Pure apart from reading the key file: what the peers and the keys need.
-    pub fn plan(&self, peers: &[Peer], now: u64) -> Result<IpsecPlan> {
-        let key_file_path = self
-            .settings
-            .key_file
-            .as_deref()
-            .context("encryption.ipsec.key_file is not set")?;
-        let file = read_key_file(key_file_path)?;
-        let keys = plan_keys(&self.keys, &file, now, self.settings.rotation_overlap)?;
-        let (states, policies) = desired_xfrm(self.local, peers, keys.keys.keys().copied());
-        Ok(IpsecPlan {
-            keys,
-            peers: peers.to_vec(),
-            states,
-            policies,
-        })
-    }
-
-    /// Installs new states before the policies that use them, and removes policies before
-    /// their states.
-    pub async fn apply(&mut self, plan: IpsecPlan) -> Result<()> {
-        let keys = plan.keys.keys.clone();
-        for state in plan.states.difference(&self.states.clone()) {
-            let psk = &keys[&(state.spi as u8)].psk;
-            self.add_state(*state, psk).await?;
-            self.states.insert(*state);
-        }
-        for policy in plan.policies.difference(&self.policies.clone()) {
-            self.add_policy(policy).await?;
-            self.policies.insert(*policy);
-        }
-        for policy in self
-            .policies
-            .difference(&plan.policies)
-            .copied()
-            .collect::<Vec<_>>()
-        {
-            self.delete_policy(&policy).await?;
-            self.policies.remove(&policy);
-        }
-        for state in self.states.difference(&plan.states).copied().collect::<Vec<_>>() {
-            self.delete_state(state).await?;
-            self.states.remove(&state);
-        }
-        if !plan.keys.install.is_empty() || !plan.keys.remove.is_empty() {
-            info!(current = plan.keys.current, installed = ?plan.keys.install, removed = ?plan.keys.remove, "IPsec keys rotated");
-        }
-        self.keys = plan.keys.keys;
-        self.current = plan.keys.current;
-        self.peers = plan.peers;
-        Ok(())
-    }
-
-    /// Removes the states of keys whose overlap ended. Called periodically.
-    pub async fn retire_keys(&mut self, now: u64) {
-        if !self.keys.values().any(|k| k.retire_at.is_some_and(|t| t <= now)) {
-            return;
-        }
-        let peers = self.peers.clone();
-        let result = match self.plan(&peers, now) {
-            Ok(plan) => self.apply(plan).await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = result {
-            warn!("retiring old IPsec keys: {e:#}");
-        }
-    }
-
-    async fn add_state(&self, s: StateId, psk: &[u8]) -> Result<()> {
+    /// Installs the state of `s`, keyed from `psk`. A kernel without ESP (or AES-GCM) fails
+    /// with the missing feature named.
+    pub async fn add_state(&self, s: StateId, psk: &[u8]) -> Result<()> {
         let key = derive_key(psk, s.spi as u8, s.src, s.dst).to_vec();
         self.handle
             .state()
@@ -446,23 +321,44 @@ impl Ipsec {
             .encryption_aead(AEAD, &key, ICV_BITS)?
             .execute()
             .await
-            .map_err(|e| match netlink_code(&e).and_then(missing_feature) {
-                Some(feature) => anyhow!(
-                    "installing the ESP state {} -> {} spi {}: {feature}",
+            .map_err(|e| {
+                let why = netlink_code(&e)
+                    .and_then(missing_feature)
+                    .map_or_else(|| e.to_string(), str::to_owned);
+                anyhow!(
+                    "installing the ESP state {} -> {} spi {}: {why}",
                     s.src,
                     s.dst,
                     s.spi
-                ),
-                None => anyhow!(
-                    "installing the ESP state {} -> {} spi {}: {e}",
-                    s.src,
-                    s.dst,
-                    s.spi
-                ),
+                )
             })
     }
 
-    async fn delete_state(&self, s: StateId) -> Result<()> {
+    /// Adds and removes a state with CBC/HMAC instead of the AEAD; the netlink error code if
+    /// the kernel refuses it.
+    async fn probe_esp_without_aead(&self, s: StateId) -> Option<i32> {
+        let request = self
+            .handle
+            .state()
+            .add(s.src, s.dst)
+            .protocol(IPPROTO_ESP)
+            .spi(s.spi)
+            .mode(XFRM_MODE_TUNNEL)
+            .reqid(REQID)
+            .encryption("cbc(aes)", &vec![0u8; 16])
+            .ok()?
+            .authentication("hmac(sha256)", &vec![0u8; 32])
+            .ok()?;
+        match request.execute().await {
+            Ok(()) => {
+                let _ = self.delete_state(s).await;
+                None
+            }
+            Err(e) => netlink_code(&e),
+        }
+    }
+
+    pub async fn delete_state(&self, s: StateId) -> Result<()> {
         match self
             .handle
             .state()
@@ -477,7 +373,7 @@ impl Ipsec {
         }
     }
 
-    async fn add_policy(&self, p: &PolicyId) -> Result<()> {
+    pub async fn add_policy(&self, p: &PolicyId) -> Result<()> {
         let template = UserTemplate {
             id: netlink_packet_xfrm::Id {
                 daddr: Address::from_ip(&p.tunnel_dst),
@@ -510,7 +406,7 @@ impl Ipsec {
             })
     }
 
-    async fn delete_policy(&self, p: &PolicyId) -> Result<()> {
+    pub async fn delete_policy(&self, p: &PolicyId) -> Result<()> {
         match self
             .handle
             .policy()
@@ -524,25 +420,234 @@ impl Ipsec {
         }
     }
 
-    /// Every state and policy carrying [`REQID`], as the kernel has them.
-    async fn remove_all(&self) -> Result<()> {
-        remove_installed(&self.handle).await
+    /// States (as [`StateId`]) and policies (as (index, direction)) carrying [`REQID`], as the
+    /// kernel has them.
+    pub async fn installed(&self) -> Result<(Vec<StateId>, Vec<(u32, u8)>)> {
+        let mut states = Vec::new();
+        let mut dump = self.handle.state().get_dump().execute();
+        while let Some(s) = dump.try_next().await? {
+            let info = &s.user_sa_info;
+            if info.reqid == REQID {
+                let (src, dst) = if info.family == libc::AF_INET as u16 {
+                    (
+                        IpAddr::V4(info.saddr.to_ipv4()),
+                        IpAddr::V4(info.id.daddr.to_ipv4()),
+                    )
+                } else {
+                    (
+                        IpAddr::V6(info.saddr.to_ipv6()),
+                        IpAddr::V6(info.id.daddr.to_ipv6()),
+                    )
+                };
+                states.push(StateId {
+                    src,
+                    dst,
+                    spi: info.id.spi,
+                });
+            }
+        }
+        let mut policies = Vec::new();
+        let mut dump = self.handle.policy().get_dump().execute();
+        while let Some(p) = dump.try_next().await? {
+            let ours = p.nlas.iter().any(|a| match a {
+                netlink_packet_xfrm::XfrmAttrs::Template(t) => t.iter().any(|t| t.reqid == REQID),
+                _ => false,
+            });
+            if ours {
+                policies.push((p.user_policy_info.index, p.user_policy_info.direction));
+            }
+        }
+        Ok((states, policies))
     }
 
-    /// Counts what gatewayd has installed, as the kernel reports it.
-    pub async fn counts(&self) -> Result<(usize, usize)> {
-        let (states, policies) = installed(&self.handle).await?;
-        Ok((states.len(), policies.len()))
+    /// Removes every policy, then every state, carrying [`REQID`]: whatever gatewayd
+    /// installed, by this daemon or an earlier one.
+    pub async fn remove_installed(&self) -> Result<()> {
+        let (states, policies) = self.installed().await?;
+        for (index, direction) in &policies {
+            self.handle
+                .policy()
+                .delete_index(*index)
+                .direction(*direction)
+                .execute()
+                .await
+                .with_context(|| format!("removing XFRM policy index {index}"))?;
+        }
+        for s in &states {
+            self.delete_state(*s).await?;
+        }
+        if !states.is_empty() || !policies.is_empty() {
+            info!(
+                states = states.len(),
+                policies = policies.len(),
+                "removed gatewayd's IPsec states and policies"
+            );
+        }
+        Ok(())
+    }
+}
+
+pub struct Ipsec {
+    settings: IpsecSettings,
+    local: IpAddr,
+    /// The key file in force (read at start and on each reload).
+    file: Option<KeyFile>,
+    keys: BTreeMap<u8, InstalledKey>,
+    current: u8,
+    states: BTreeSet<StateId>,
+    policies: BTreeSet<PolicyId>,
+    peers: Vec<Peer>,
+    xfrm: Xfrm,
+}
+
+/// What [`Ipsec::plan`] decided, executed by [`Ipsec::apply`].
+pub struct IpsecPlan {
+    file: KeyFile,
+    keys: KeyPlan,
+    peers: Vec<Peer>,
+    states: BTreeSet<StateId>,
+    policies: BTreeSet<PolicyId>,
+}
+
+impl Ipsec {
+    /// Checks that the kernel can install ESP states before anything is installed; fails with
+    /// the missing kernel feature named, leaving no state or policy behind.
+    pub async fn start(settings: &IpsecSettings) -> Result<Self> {
+        let local = settings
+            .local_address
+            .context("encryption.ipsec.local_address is not set")?;
+        let ipsec = Ipsec {
+            settings: settings.clone(),
+            local,
+            file: None,
+            keys: BTreeMap::new(),
+            current: 0,
+            states: BTreeSet::new(),
+            policies: BTreeSet::new(),
+            peers: Vec::new(),
+            xfrm: Xfrm::open()?,
+        };
+        // A previous daemon's states carry keys this one may no longer have (and maybe its
+        // probe): start clean; the first apply installs the current ones at once.
+        ipsec.xfrm.remove_installed().await?;
+        ipsec.probe_esp().await?;
+        Ok(ipsec)
+    }
+
+    /// Installs and removes one state with the real algorithm, so a kernel without ESP or
+    /// AES-GCM is found before any policy steers traffic into a tunnel that cannot exist.
+    async fn probe_esp(&self) -> Result<()> {
+        let probe = StateId {
+            src: self.local,
+            dst: self.local,
+            spi: PROBE_SPI,
+        };
+        if let Err(e) = self.xfrm.add_state(probe, &[0u8; MIN_PSK_LEN]).await {
+            // The kernel checks the algorithm before the protocol: find which one is missing.
+            if self.xfrm.probe_esp_without_aead(probe).await == Some(-libc::EPROTONOSUPPORT) {
+                bail!(
+                    "IPsec mode cannot run: {}",
+                    missing_feature(-libc::EPROTONOSUPPORT).expect("known code")
+                );
+            }
+            return Err(e.context("IPsec mode cannot run"));
+        }
+        self.xfrm.delete_state(probe).await
+    }
+
+    /// What the peers and the keys need; reads the key file. Nothing is changed.
+    pub fn plan(&self, peers: &[Peer], now: u64) -> Result<IpsecPlan> {
+        let key_file_path = self
+            .settings
+            .key_file
+            .as_deref()
+            .context("encryption.ipsec.key_file is not set")?;
+        self.plan_with(read_key_file(key_file_path)?, peers, now)
+    }
+
+    fn plan_with(&self, file: KeyFile, peers: &[Peer], now: u64) -> Result<IpsecPlan> {
+        let keys = plan_keys(&self.keys, &file, now, self.settings.rotation_overlap)?;
+        let (states, policies) = desired_xfrm(self.local, peers, keys.keys.keys().copied());
+        Ok(IpsecPlan {
+            file,
+            keys,
+            peers: peers.to_vec(),
+            states,
+            policies,
+        })
+    }
+
+    /// Installs new states before the policies that use them, and removes policies before
+    /// their states.
+    pub async fn apply(&mut self, plan: IpsecPlan) -> Result<()> {
+        for state in plan.states.difference(&self.states.clone()) {
+            let psk = &plan.keys.keys[&(state.spi as u8)].psk;
+            self.xfrm.add_state(*state, psk).await?;
+            self.states.insert(*state);
+        }
+        for policy in plan.policies.difference(&self.policies.clone()) {
+            self.xfrm.add_policy(policy).await?;
+            self.policies.insert(*policy);
+        }
+        for policy in self
+            .policies
+            .difference(&plan.policies)
+            .copied()
+            .collect::<Vec<_>>()
+        {
+            self.xfrm.delete_policy(&policy).await?;
+            self.policies.remove(&policy);
+        }
+        for state in self.states.difference(&plan.states).copied().collect::<Vec<_>>() {
+            self.xfrm.delete_state(state).await?;
+            self.states.remove(&state);
+        }
+        if !plan.keys.install.is_empty() || !plan.keys.remove.is_empty() {
+            info!(
+                current = plan.keys.current,
+                installed = ?plan.keys.install,
+                removed = ?plan.keys.remove,
+                "IPsec keys changed"
+            );
+        }
+        self.file = Some(plan.file);
+        self.keys = plan.keys.keys;
+        self.current = plan.keys.current;
+        self.peers = plan.peers;
+        Ok(())
+    }
+
+    /// Removes the states of keys whose overlap ended. Called periodically; the key file in
+    /// force is the one of the last reload (a rotation itself needs a reload).
+    pub async fn retire_keys(&mut self, now: u64) {
+        if !self.keys.values().any(|k| k.retire_at.is_some_and(|t| t <= now)) {
+            return;
+        }
+        let Some(file) = self.file.clone() else { return };
+        let peers = self.peers.clone();
+        let result = match self.plan_with(file, &peers, now) {
+            Ok(plan) => self.apply(plan).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            warn!("retiring old IPsec keys: {e:#}");
+        }
     }
 
     pub async fn shutdown(self) {
-        if let Err(e) = self.remove_all().await {
+        if let Err(e) = self.xfrm.remove_installed().await {
             warn!("removing IPsec states and policies: {e:#}");
         }
     }
 
     pub async fn status(&self) -> api::IpsecStatus {
-        let (states, policies) = self.counts().await.unwrap_or_default();
+        let (states, policies) = match self.xfrm.installed().await {
+            Ok((s, p)) => (s.len(), p.len()),
+            Err(e) => {
+                warn!("counting IPsec states and policies: {e:#}");
+                (0, 0)
+            }
+        };
         api::IpsecStatus {
             local_address: self.local.to_string(),
             current_key_id: self.current,
@@ -554,81 +659,9 @@ impl Ipsec {
     }
 }
 
-/// States (as (src, dst, spi)) and policies (as (index, direction)) carrying [`REQID`].
-async fn installed(handle: &xfrmnetlink::Handle) -> Result<(Vec<StateId>, Vec<(u32, u8)>)> {
-    let mut states = Vec::new();
-    let mut dump = handle.state().get_dump().execute();
-    while let Some(s) = dump.try_next().await? {
-        let info = &s.user_sa_info;
-        if info.reqid == REQID {
-            let (src, dst) = if info.family == libc::AF_INET as u16 {
-                (
-                    IpAddr::V4(info.saddr.to_ipv4()),
-                    IpAddr::V4(info.id.daddr.to_ipv4()),
-                )
-            } else {
-                (
-                    IpAddr::V6(info.saddr.to_ipv6()),
-                    IpAddr::V6(info.id.daddr.to_ipv6()),
-                )
-            };
-            states.push(StateId {
-                src,
-                dst,
-                spi: info.id.spi,
-            });
-        }
-    }
-    let mut policies = Vec::new();
-    let mut dump = handle.policy().get_dump().execute();
-    while let Some(p) = dump.try_next().await? {
-        let ours = p.nlas.iter().any(|a| match a {
-            netlink_packet_xfrm::XfrmAttrs::Template(t) => t.iter().any(|t| t.reqid == REQID),
-            _ => false,
-        });
-        if ours {
-            policies.push((p.user_policy_info.index, p.user_policy_info.direction));
-        }
-    }
-    Ok((states, policies))
-}
-
-async fn remove_installed(handle: &xfrmnetlink::Handle) -> Result<()> {
-    let (states, policies) = installed(handle).await?;
-    for (index, direction) in &policies {
-        handle
-            .policy()
-            .delete_index(*index)
-            .direction(*direction)
-            .execute()
-            .await
-            .with_context(|| format!("removing XFRM policy index {index}"))?;
-    }
-    for s in &states {
-        handle
-            .state()
-            .delete(s.src, s.dst)
-            .protocol(IPPROTO_ESP)
-            .spi(s.spi)
-            .execute()
-            .await
-            .with_context(|| format!("removing the ESP state {} -> {} spi {}", s.src, s.dst, s.spi))?;
-    }
-    if !states.is_empty() || !policies.is_empty() {
-        info!(
-            states = states.len(),
-            policies = policies.len(),
-            "removed gatewayd's IPsec states and policies"
-        );
-    }
-    Ok(())
-}
-
 /// `gatewayd teardown`: every state and policy gatewayd installed, whatever the mode now.
 pub async fn teardown() -> Result<()> {
-    let (connection, handle, _) = xfrmnetlink::new_connection().context("opening the XFRM netlink socket")?;
-    tokio::spawn(connection);
-    remove_installed(&handle).await
+    Xfrm::open()?.remove_installed().await
 }
 
 #[cfg(test)]
