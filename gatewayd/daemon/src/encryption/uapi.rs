@@ -70,6 +70,8 @@ impl Drop for UapiSocket {
 }
 
 fn relay(listener: UnixListener, device: UnixStream, stop: &AtomicBool) {
+    // A device that stopped answering must not hang the relay (and the daemon's stop with it).
+    let _ = device.set_read_timeout(Some(std::time::Duration::from_secs(5)));
     let Ok(mut device_writer) = device.try_clone() else {
         return;
     };

@@ -68,8 +68,10 @@ impl PeerPlan {
 }
 
 /// Diffs the programmed peers and routes against the desired peers. Pure; rejects a peer set
-/// the device could not hold faithfully (no key, a key twice, an allowed IP claimed twice: the
-/// device would silently give it to the last peer).
+/// the device could not hold faithfully (a key twice, an allowed IP claimed twice: the device
+/// would silently give it to the last peer). A peer without a key (from a source that also
+/// feeds IPsec, such as a Node without a key annotation) cannot be a WireGuard peer: it is
+/// left out with a warning, the others are programmed.
 pub fn plan(
     programmed: &BTreeMap<String, PeerSpec>,
     routes: &BTreeSet<IpNet>,
@@ -80,9 +82,17 @@ pub fn plan(
     let mut wanted_routes = BTreeSet::new();
     for p in desired {
         if p.public_key.is_empty() {
-            bail!("peer {:?} has no WireGuard public key", p.name);
+            warn!(peer = p.name, "peer has no WireGuard public key: left out");
+            continue;
         }
-        Key::from_base64(&p.public_key).map_err(|_| anyhow!("peer {:?}: invalid public key", p.name))?;
+        if Key::from_base64(&p.public_key).is_err() {
+            warn!(
+                peer = p.name,
+                key = p.public_key,
+                "not a WireGuard public key: peer left out"
+            );
+            continue;
+        }
         for net in &p.allowed_ips {
             if let Some(other) = owner.insert(*net, &p.name) {
                 bail!("allowed IP {net} is claimed by peers {other:?} and {:?}", p.name);
@@ -698,7 +708,7 @@ mod tests {
     }
 
     #[test]
-    fn ambiguous_peer_sets_are_rejected() {
+    fn ambiguous_peer_sets_are_rejected_and_keyless_peers_left_out() {
         let none = BTreeMap::new();
         let routes = BTreeSet::new();
         let dup_key = [peer("a", 1, None, &[]), peer("b", 1, None, &[])];
@@ -715,12 +725,15 @@ mod tests {
             e.contains("10.1.0.0/16") && e.contains("\"a\"") && e.contains("\"b\""),
             "{e}"
         );
-        let mut keyless = peer("c", 3, None, &[]);
+        let mut keyless = peer("c", 3, None, &["10.3.0.0/16"]);
         keyless.public_key.clear();
-        assert!(plan(&none, &routes, &[keyless])
-            .unwrap_err()
-            .to_string()
-            .contains("no WireGuard public key"));
+        let p = plan(&none, &routes, &[keyless, peer("d", 4, None, &[])]).unwrap();
+        assert_eq!(
+            p.add.len(),
+            1,
+            "the keyless peer is left out, the other programmed"
+        );
+        assert!(p.routes_add.is_empty());
     }
 
     #[test]
