@@ -97,6 +97,13 @@ fn exchange(client: &UnixStream, device: &mut UnixStream, answers: &mut BufReade
     }
     device.write_all(request.as_bytes())?;
     let answer = read_block(answers).context("reading the device's answer")?;
+    // boringtun adds `own_public_key`, which is not in the protocol: wireguard-control prints
+    // "got unsupported info" to stdout for it on every read. Clients derive the public key
+    // from the private one anyway.
+    let answer: String = answer
+        .split_inclusive('\n')
+        .filter(|line| !line.starts_with("own_public_key="))
+        .collect();
     (&*client).write_all(answer.as_bytes())?;
     Ok(())
 }
