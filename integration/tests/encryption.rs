@@ -701,3 +701,119 @@ fn implementation_auto_falls_back_to_boringtun_and_kernel_needs_the_module() -> 
     }
     Ok(())
 }
+
+/// Egress through the tunnel: a node routes an outside destination into its tunnel to the
+/// gateway; the gateway's egress policy SNATs the decrypted pod traffic out of its egress
+/// interface, and the replies go back to the pod through the tunnel.
+#[test]
+fn egress_traffic_from_a_node_arrives_and_returns_through_the_tunnel() -> Result<()> {
+    if !require_root("egress_traffic_from_a_node_arrives_and_returns_through_the_tunnel") {
+        return Ok(());
+    }
+    const EGRESS_IP: &str = "10.75.0.1";
+    const OUTSIDE: &str = "10.75.0.2";
+    let gw = Netns::new("gdeg")?;
+    let scratch = Scratch::new()?;
+    let underlay = unique("uga");
+    let node = Node::new(&gw, &scratch, 1, &underlay)?;
+    let outside = Netns::new("gdeo")?;
+    let egress_if = unique("egr");
+    veth(
+        &gw,
+        &egress_if,
+        &[&format!("{EGRESS_IP}/24")],
+        &outside,
+        "eth0",
+        &[&format!("{OUTSIDE}/24")],
+    )?;
+    gw.sysctl("net.ipv4.ip_forward", "1")?;
+    let _server = PeerServer::start(&outside, &[format!("{OUTSIDE}:7000").parse()?], &[])?;
+
+    let wg_if = unique("gwg");
+    let config = format!(
+        r#"{daemon}
+[[egress_policies]]
+name = "outside"
+source_cidrs = ["{pods}"]
+destination_cidrs = ["10.75.0.0/24"]
+egress_interface = "{egress_if}"
+egress_ip = "{EGRESS_IP}"
+
+[encryption]
+mode = "wireguard"
+
+[encryption.wireguard]
+interface = "{wg_if}"
+implementation = "userspace"
+address = "{GW_TUNNEL}/24"
+
+{peer}"#,
+        daemon = scratch.daemon_table(),
+        pods = node.pod_cidr,
+        peer = node.peer_toml("node")
+    );
+    let path = scratch.write("gatewayd.toml", &config)?;
+    let mut daemon = Daemon::spawn(&gw, &scratch, &path)?;
+    daemon.wait_notify("READY=1", READY_TIMEOUT)?;
+    let status = gatewayctl(&scratch, &["encryption", "status"])?;
+    let gateway_key = status["wireguard"]["public_key"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    // The node sends the egress destinations to the gateway through its tunnel, from the pod.
+    node.ns.exec(&[
+        "wg",
+        "set",
+        &node.wg.ifname,
+        "peer",
+        &gateway_key,
+        "endpoint",
+        &format!("{}:{WG_PORT}", node.gateway_underlay),
+        "allowed-ips",
+        "10.99.0.0/24,10.75.0.0/24",
+    ])?;
+    node.ns.exec(&[
+        "ip",
+        "route",
+        "add",
+        "10.75.0.0/24",
+        "dev",
+        &node.wg.ifname,
+        "src",
+        &node.pod,
+    ])?;
+
+    let capture = Capture::start(&gw, &underlay, "", scratch.path("underlay.pcap"))?;
+    let server: SocketAddr = format!("{OUTSIDE}:7000").parse()?;
+    let seen = wait_for(
+        "a connection from the pod to the outside",
+        Duration::from_secs(30),
+        || {
+            let Ok(mut conn) = node.ns.tcp_connect(server, Duration::from_secs(3)) else {
+                return Ok(None);
+            };
+            Ok(tcp_exchange(&mut conn, "hello", Duration::from_secs(5)).ok())
+        },
+    )?;
+    let seen: SocketAddr = seen.parse()?;
+    assert_eq!(
+        seen.ip().to_string(),
+        EGRESS_IP,
+        "the outside sees the egress address"
+    );
+    let mut conn = node.ns.tcp_connect(server, Duration::from_secs(10))?;
+    for i in 0..20 {
+        tcp_exchange(&mut conn, &format!("line {i}"), Duration::from_secs(10))?;
+    }
+    let file = capture.stop()?;
+    assert!(!pcap_read(&file, &format!("udp port {WG_PORT}"))?.is_empty());
+    let plain = pcap_read(&file, &format!("ip and not udp port {WG_PORT} and not igmp"))?;
+    assert!(
+        plain.is_empty(),
+        "the pod's traffic crossed the underlay only inside the tunnel:\n{}",
+        plain.join("\n")
+    );
+    let policy = gatewayctl(&scratch, &["egress", "list"])?;
+    assert!(policy[0]["packets_out"].as_u64().unwrap_or(0) > 20, "{policy}");
+    Ok(())
+}
