@@ -594,7 +594,7 @@ fn rejected_reloads_mode_changes_and_restarts_of_the_userspace_tunnel() -> Resul
     assert_eq!(status["last_reload"]["ok"], false, "{status}");
     let message = status["last_reload"]["message"].as_str().unwrap_or_default();
     assert!(
-        message.contains(&a.pod_cidr) && message.contains("clash"),
+        message.contains(&a.pod_cidr) && message.contains("also in peers[0].allowed_ips"),
         "{message}"
     );
     let peers = stdout(&gw.exec(&["wg", "show", &wg_if, "peers"])?);
