@@ -202,7 +202,7 @@ impl WireGuard {
             .interface
             .parse()
             .map_err(|e| anyhow!("interface {:?}: {e}", settings.interface))?;
-        let device = create_device(settings, &netlink).await?;
+        let (device, created) = create_device(settings, &netlink).await?;
         let ifindex = nix::net::if_::if_nametoindex(settings.interface.as_str())
             .with_context(|| format!("the WireGuard interface {} vanished", settings.interface))?;
         let mut wg = WireGuard {
@@ -215,13 +215,14 @@ impl WireGuard {
             routes: BTreeSet::new(),
             netlink,
         };
-        DeviceUpdate::new()
-            .set_private_key(private_key)
-            .set_listen_port(settings.listen_port)
-            .apply(&wg.iface, wg.backend())
-            .with_context(|| format!("configuring {}", settings.interface))?;
-        wg.configure_link().await?;
-        wg.adopt().await?;
+        if let Err(e) = wg.configure(private_key).await {
+            // Nothing half-made stays: a kernel device this start created goes (a boringtun
+            // device goes when `wg` is dropped).
+            if created && matches!(wg.device, Device::Kernel) {
+                let _ = wg.netlink.link().del(wg.ifindex).execute().await;
+            }
+            return Err(e);
+        }
         info!(
             interface = settings.interface,
             implementation = wg.implementation(),
@@ -232,8 +233,15 @@ impl WireGuard {
         Ok(wg)
     }
 
-    pub fn settings(&self) -> &WireGuardSettings {
-        &self.settings
+    /// Key and port, link up, and the peers and routes already there.
+    async fn configure(&mut self, private_key: Key) -> Result<()> {
+        DeviceUpdate::new()
+            .set_private_key(private_key)
+            .set_listen_port(self.settings.listen_port)
+            .apply(&self.iface, self.backend())
+            .with_context(|| format!("configuring {}", self.settings.interface))?;
+        self.configure_link().await?;
+        self.adopt().await
     }
 
     fn backend(&self) -> Backend {
@@ -296,8 +304,8 @@ impl WireGuard {
                 },
             );
         }
-        for family in [false, true] {
-            let request = if family {
+        for v6 in [false, true] {
+            let request = if v6 {
                 RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
             } else {
                 RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
@@ -522,7 +530,8 @@ async fn link_kind(netlink: &Handle, name: &str) -> Result<Option<String>> {
     }
 }
 
-async fn create_device(settings: &WireGuardSettings, netlink: &Handle) -> Result<Device> {
+/// The device, and whether this call created it (false: a kernel device adopted).
+async fn create_device(settings: &WireGuardSettings, netlink: &Handle) -> Result<(Device, bool)> {
     let name = settings.interface.as_str();
     match link_kind(netlink, name).await? {
         Some(kind) if kind == "wireguard" => {
@@ -530,7 +539,7 @@ async fn create_device(settings: &WireGuardSettings, netlink: &Handle) -> Result
                 bail!("{name} exists as a kernel WireGuard device; delete it (ip link del {name}) or set implementation = \"kernel\"");
             }
             info!(interface = name, "adopting the existing kernel WireGuard device");
-            return Ok(Device::Kernel);
+            return Ok((Device::Kernel, false));
         }
         Some(kind) => {
             bail!("interface {name} already exists and is not gatewayd's WireGuard device (kind {kind:?})")
@@ -544,7 +553,7 @@ async fn create_device(settings: &WireGuardSettings, netlink: &Handle) -> Result
             .execute()
             .await
         {
-            Ok(()) => return Ok(Device::Kernel),
+            Ok(()) => return Ok((Device::Kernel, true)),
             Err(e) if settings.implementation == WireGuardImplementation::Kernel => {
                 bail!("cannot create a kernel WireGuard device {name} (is the wireguard module available? CONFIG_WIREGUARD): {e}")
             }
@@ -554,7 +563,7 @@ async fn create_device(settings: &WireGuardSettings, netlink: &Handle) -> Result
             ),
         }
     }
-    Ok(Device::Userspace(start_boringtun(name)?))
+    Ok((Device::Userspace(start_boringtun(name)?), true))
 }
 
 fn start_boringtun(name: &str) -> Result<Userspace> {
