@@ -9,6 +9,7 @@ use crate::datapath::lb_maps::{self, LbMaps};
 use crate::datapath::neighbours::Neighbours;
 use crate::datapath::{Attachment, Capacities, Datapath, Hook, LB_PROGRAM};
 use crate::egress::gateway::EgressGateway;
+use crate::encryption::Encryption;
 use crate::events::EventHub;
 use crate::k8s::convert::ClusterState;
 use crate::k8s::sync::{ClusterUpdate, SharedStatus};
@@ -36,6 +37,7 @@ struct Daemon {
     metrics: Arc<Metrics>,
     neighbours: Neighbours,
     egress: EgressGateway,
+    encryption: Encryption,
     generation: u64,
     last_reload: Option<api::ReloadResult>,
     started: Instant,
@@ -105,8 +107,9 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
         lb,
         programmed,
         metrics,
-        neighbours: Neighbours::new(netlink),
+        neighbours: Neighbours::new(netlink.clone()),
         egress,
+        encryption: Encryption::new(netlink),
         generation: 0,
         last_reload: None,
         started: Instant::now(),
@@ -115,7 +118,10 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
         clusters: Vec::new(),
         conflicts: Vec::new(),
     };
-    daemon.apply(&config).context("applying the configuration")?;
+    daemon
+        .program(&config)
+        .await
+        .context("applying the configuration")?;
     daemon.sync_netlink().await;
     daemon.generation = 1;
     daemon.publish_metrics();
@@ -123,6 +129,7 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
     let (cluster_updates, mut cluster_states) = tokio::sync::mpsc::channel::<ClusterUpdate>(16);
     daemon.clusters = crate::k8s::sync::start_all(&config.settings, cluster_updates).await;
     daemon.metrics.set_clusters(daemon.clusters.clone());
+    daemon.publish_encryption().await;
     let status = daemon.status_line();
     info!("{status}");
     notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
@@ -147,9 +154,18 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
             _ = collect.tick() => {
                 let live = daemon.egress.collect_garbage();
                 daemon.metrics.set_nat_entries(live, daemon.egress.nat_capacity());
+                daemon.encryption.tick().await;
+                daemon.publish_encryption().await;
             }
             Some((request, reply)) = queries.recv() => {
-                let _ = reply.send(daemon.answer(request));
+                let response = match request {
+                    Request::EncryptionStatus => match daemon.encryption.status().await {
+                        Ok(status) => Response::EncryptionStatus(status),
+                        Err(e) => Response::Error(format!("{e:#}")),
+                    },
+                    request => daemon.answer(request),
+                };
+                let _ = reply.send(response);
             }
             Some(update) = cluster_states.recv() => daemon.cluster_update(update).await,
         }
@@ -163,22 +179,40 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
 }
 
 impl Daemon {
-    /// Programs `config` into the datapath. Validation and capacity checks happen before the
-    /// first change, so a rejected config leaves the running state exactly as it was.
-    fn apply(&mut self, config: &Config) -> Result<()> {
+    /// Programs `config`, merged with every cluster's last state, into the datapath and the
+    /// node encryption. Every plan is made and every capacity checked before the first
+    /// change, so a rejected state leaves the running one exactly as it was.
+    async fn program(&mut self, config: &Config) -> Result<()> {
         let started = Instant::now();
-        let result = self.apply_timed(config);
+        let desired = self.merge(config);
+        // A new encryption mode is started here, before anything else changes.
+        let encryption = self
+            .encryption
+            .prepare(&config.settings.encryption, &desired.peers)
+            .await
+            .context("node encryption")?;
+        let result = self.apply(config, desired);
         self.metrics.observe_reconcile(started.elapsed().as_secs_f64());
-        result
+        result?;
+        self.encryption
+            .commit(encryption, &config.settings.encryption)
+            .await
+            .context("node encryption")
     }
 
-    fn apply_timed(&mut self, config: &Config) -> Result<()> {
-        let s = &config.settings;
+    /// The file's desired state merged with every cluster's; conflicts are logged once each.
+    fn merge(&mut self, config: &Config) -> DesiredState {
         let (desired, conflicts) = crate::k8s::merge(&config.desired, &self.cluster_states);
         for c in conflicts.iter().filter(|c| !self.conflicts.contains(c)) {
             warn!("{c}");
         }
         self.conflicts = conflicts;
+        desired
+    }
+
+    /// Writes `desired` into the maps and attachments.
+    fn apply(&mut self, config: &Config, desired: DesiredState) -> Result<()> {
+        let s = &config.settings;
         let params = LbParams {
             table_size: s.lb.maglev_table_size,
             seed: s.lb.maglev_seed,
@@ -188,11 +222,15 @@ impl Daemon {
         // Every plan is made before the first write: a rejected change touches nothing.
         let (ops, next) = self.programmed.plan(&desired.services, &params)?;
         let (egress_compiled, egress_ops) = self.egress.plan(&desired.egress_policies)?;
-        let settings = lb_maps::lb_settings(
+        let mut settings = lb_maps::lb_settings(
             s.lb.encap_source_v4
                 .or_else(|| self.default_source(config, false)),
             s.lb.encap_source_v6.or_else(|| self.default_source(config, true)),
         );
+        if s.encryption.mode == crate::config::EncryptionMode::Ipsec {
+            // XDP transmission would bypass the XFRM policies: the kernel routes (and encrypts).
+            settings.flags |= gatewayd_common::maps::LB_F_KERNEL_ROUTE;
+        }
         if let Err(e) = self.lb.set_settings(&settings).and_then(|_| self.lb.apply(&ops)) {
             // The maps are what the datapath uses: re-read them so the next plan starts from the
             // truth, then report.
@@ -219,8 +257,8 @@ impl Daemon {
             .collect();
         wanted.extend(EgressGateway::attachments(&desired.egress_policies));
         self.datapath.sync_attachments(&wanted)?;
-        if !desired.peers.is_empty() {
-            warn!("peers are configured but not enforced by this version of gatewayd");
+        if s.encryption.mode == crate::config::EncryptionMode::None && !desired.peers.is_empty() {
+            warn!("peers are configured but encryption.mode is \"none\": they are not used");
         }
         self.desired = desired;
         Ok(())
@@ -253,18 +291,14 @@ impl Daemon {
         let now = SystemTime::now();
         notify(&[NotifyState::Reloading, monotonic_now()]);
         info!(path = %self.config_path.display(), "reloading configuration");
-        let result = config::load_file(&self.config_path, &SystemHost)
-            .map_err(anyhow::Error::from)
-            .and_then(|new| {
-                self.warn_restart_only_changes(&new);
-                self.apply(&new).map(|()| new)
-            });
+        let result = self.load_and_apply().await;
         let (ok, message) = match result {
             Ok(new) => {
                 self.config = new;
                 self.generation += 1;
                 self.publish_metrics();
                 self.sync_netlink().await;
+                self.publish_encryption().await;
                 info!(generation = self.generation, "configuration reloaded");
                 (true, format!("generation {} applied", self.generation))
             }
@@ -294,10 +328,11 @@ impl Daemon {
         let id = update.cluster_id;
         let previous = self.cluster_states.insert(id, update.state);
         let config = self.config.clone();
-        match self.apply(&config) {
+        match self.program(&config).await {
             Ok(()) => {
                 self.publish_metrics();
                 self.sync_netlink().await;
+                self.publish_encryption().await;
             }
             Err(e) => {
                 error!(
@@ -309,6 +344,23 @@ impl Daemon {
                     None => self.cluster_states.remove(&id),
                 };
             }
+        }
+    }
+
+    /// Reads the file and programs it.
+    async fn load_and_apply(&mut self) -> Result<Config> {
+        let new = config::load_file(&self.config_path, &SystemHost)?;
+        self.warn_restart_only_changes(&new);
+        self.program(&new).await?;
+        Ok(new)
+    }
+
+    /// Hands the encryption status (per-peer handshakes and bytes, IPsec counts) to the
+    /// metrics endpoint.
+    async fn publish_encryption(&self) {
+        match self.encryption.status().await {
+            Ok(status) => self.metrics.publish_encryption(status),
+            Err(e) => warn!("reading the encryption status: {e:#}"),
         }
     }
 
@@ -404,6 +456,7 @@ impl Daemon {
                     .collect(),
             )),
             Request::Observe => unreachable!("the control socket streams events itself"),
+            Request::EncryptionStatus => unreachable!("answered by the main loop (it awaits netlink)"),
         };
         result.unwrap_or_else(|e| Response::Error(format!("{e:#}")))
     }

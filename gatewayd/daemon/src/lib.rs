@@ -5,6 +5,7 @@
 //! - [`k8s`]: the Kubernetes sync: reflectors per cluster, objects converted to the model.
 //! - [`lb`]: Maglev and the reconcile planner (pure).
 //! - [`egress`]: egress policies compiled into the datapath's lookup tries (pure).
+//! - [`encryption`]: WireGuard and IPsec between gateways and nodes.
 //! - [`datapath`]: the eBPF objects, their pins, and the maps the planner's operations write.
 //! - [`daemon`], [`control`], [`events`], [`metrics`], [`logging`]: the long-running process.
 //! - [`state_file`]: what the daemon keeps under `daemon.state_dir` across restarts.
@@ -14,6 +15,7 @@ pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod egress;
+pub mod encryption;
 pub mod events;
 pub mod k8s;
 pub mod lb;

@@ -9,6 +9,7 @@ use crate::datapath::open_pinned_map;
 use crate::k8s::sync::{SharedStatus, SyncState};
 use anyhow::{Context, Result};
 use aya::maps::{MapData, PerCpuArray};
+use gatewayd_common::api;
 use gatewayd_common::maps::EgressCounters;
 use gatewayd_common::maps::REASON_NAMES;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -96,6 +97,8 @@ pub struct Metrics {
     nat_capacity: AtomicI64,
     /// The Kubernetes clusters followed.
     clusters: Mutex<Vec<SharedStatus>>,
+    /// As of the daemon's last look (every few seconds, and after each reload).
+    encryption: Mutex<Option<api::EncryptionStatus>>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -107,6 +110,18 @@ struct ClusterLabels {
 struct ClusterStateLabels {
     cluster: String,
     state: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    interface: String,
+    peer: String,
+    public_key: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct XfrmErrorLabels {
+    error: String,
 }
 
 impl Metrics {
@@ -121,6 +136,7 @@ impl Metrics {
             nat_entries: AtomicI64::new(0),
             nat_capacity: AtomicI64::new(0),
             clusters: Mutex::default(),
+            encryption: Mutex::new(None),
         })
     }
 
@@ -162,6 +178,10 @@ impl Metrics {
     pub fn set_nat_entries(&self, live: usize, capacity: u32) {
         self.nat_entries.store(live as i64, Ordering::Relaxed);
         self.nat_capacity.store(i64::from(capacity), Ordering::Relaxed);
+    }
+
+    pub fn publish_encryption(&self, status: api::EncryptionStatus) {
+        *self.encryption.lock().expect("encryption lock") = Some(status);
     }
 
     pub fn publish(&self, snapshot: Snapshot) {
@@ -349,10 +369,83 @@ impl Metrics {
         );
 
         self.register_clusters(&mut registry);
+        self.register_encryption(&mut registry);
 
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry)?;
         Ok(text)
+    }
+}
+
+impl Metrics {
+    fn register_encryption(&self, registry: &mut Registry) {
+        let Some(status) = self.encryption.lock().expect("encryption lock").clone() else {
+            return;
+        };
+        if let Some(wg) = &status.wireguard {
+            let age = Family::<PeerLabels, Gauge>::default();
+            let rx = Family::<PeerLabels, Counter>::default();
+            let tx = Family::<PeerLabels, Counter>::default();
+            for p in &wg.peers {
+                let labels = PeerLabels {
+                    interface: wg.interface.clone(),
+                    peer: p.name.clone(),
+                    public_key: p.public_key.clone(),
+                };
+                // No handshake yet: no sample, rather than a misleading age of 0.
+                if let Some(a) = p.handshake_age_seconds {
+                    age.get_or_create(&labels).set(a as i64);
+                }
+                rx.get_or_create(&labels).inc_by(p.rx_bytes);
+                tx.get_or_create(&labels).inc_by(p.tx_bytes);
+            }
+            registry.register(
+                "wireguard_peer_handshake_age_seconds",
+                "Seconds since the last WireGuard handshake with each peer",
+                age,
+            );
+            registry.register(
+                "wireguard_peer_rx_bytes",
+                "Bytes received from each WireGuard peer",
+                rx,
+            );
+            registry.register("wireguard_peer_tx_bytes", "Bytes sent to each WireGuard peer", tx);
+        }
+        if let Some(ipsec) = &status.ipsec {
+            let states = Gauge::<i64>::default();
+            states.set(ipsec.states as i64);
+            registry.register("ipsec_states", "XFRM states gatewayd installed", states);
+            let policies = Gauge::<i64>::default();
+            policies.set(ipsec.policies as i64);
+            registry.register("ipsec_policies", "XFRM policies gatewayd installed", policies);
+            let key = Gauge::<i64>::default();
+            key.set(i64::from(ipsec.current_key_id));
+            registry.register(
+                "ipsec_current_key_id",
+                "Key id (SPI) of outbound IPsec traffic",
+                key,
+            );
+            // The kernel's XFRM error counters (CONFIG_XFRM_STATISTICS): the network
+            // namespace's, not only gatewayd's states'.
+            if let Ok(text) = std::fs::read_to_string("/proc/net/xfrm_stat") {
+                let errors = Family::<XfrmErrorLabels, Counter>::default();
+                for (name, value) in text.lines().filter_map(|l| {
+                    let mut f = l.split_whitespace();
+                    Some((f.next()?, f.next()?.parse::<u64>().ok()?))
+                }) {
+                    errors
+                        .get_or_create(&XfrmErrorLabels {
+                            error: name.to_owned(),
+                        })
+                        .inc_by(value);
+                }
+                registry.register(
+                    "ipsec_xfrm_errors",
+                    "XFRM error counters of the kernel, by name",
+                    errors,
+                );
+            }
+        }
     }
 }
 
@@ -388,4 +481,88 @@ pub async fn serve(listen: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render_encryption(status: api::EncryptionStatus) -> String {
+        let metrics = Metrics::new(PathBuf::new());
+        metrics.publish_encryption(status);
+        let mut registry = Registry::with_prefix("gatewayd");
+        metrics.register_encryption(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text
+    }
+
+    #[test]
+    fn wireguard_peers_are_labelled_and_a_peer_without_handshake_has_no_age() {
+        let peer = |name: &str, age: Option<u64>| api::WireGuardPeerStatus {
+            name: name.into(),
+            public_key: format!("{name}-key"),
+            endpoint: None,
+            allowed_ips: vec![],
+            handshake_age_seconds: age,
+            rx_bytes: 10,
+            tx_bytes: 20,
+        };
+        let text = render_encryption(api::EncryptionStatus {
+            mode: "wireguard".into(),
+            wireguard: Some(api::WireGuardStatus {
+                interface: "gwd-wg0".into(),
+                implementation: "userspace".into(),
+                public_key: "pub".into(),
+                listen_port: 51820,
+                peers: vec![peer("a", Some(7)), peer("b", None)],
+            }),
+            ipsec: None,
+        });
+        let labels = |p: &str| format!("{{interface=\"gwd-wg0\",peer=\"{p}\",public_key=\"{p}-key\"}}");
+        assert!(
+            text.contains(&format!(
+                "gatewayd_wireguard_peer_handshake_age_seconds{} 7",
+                labels("a")
+            )),
+            "{text}"
+        );
+        assert!(!text.contains(&format!(
+            "gatewayd_wireguard_peer_handshake_age_seconds{}",
+            labels("b")
+        )));
+        assert!(text.contains(&format!(
+            "gatewayd_wireguard_peer_rx_bytes_total{} 10",
+            labels("b")
+        )));
+        assert!(text.contains(&format!(
+            "gatewayd_wireguard_peer_tx_bytes_total{} 20",
+            labels("a")
+        )));
+        assert!(!text.contains("ipsec"));
+    }
+
+    #[test]
+    fn ipsec_counts_and_current_key_are_exported() {
+        let text = render_encryption(api::EncryptionStatus {
+            mode: "ipsec".into(),
+            wireguard: None,
+            ipsec: Some(api::IpsecStatus {
+                local_address: "192.0.2.1".into(),
+                current_key_id: 4,
+                installed_key_ids: vec![3, 4],
+                states: 8,
+                policies: 6,
+                peers: vec!["a".into()],
+            }),
+        });
+        for line in [
+            "gatewayd_ipsec_states 8",
+            "gatewayd_ipsec_policies 6",
+            "gatewayd_ipsec_current_key_id 4",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in {text}");
+        }
+        assert!(!text.contains("wireguard"));
+    }
 }
