@@ -263,6 +263,45 @@ fn boringtun_gateway_and_wireguard_go_nodes_encrypt_and_follow_peer_changes() ->
         "node a's counters kept running (a re-added peer starts from 0): {peer_a}"
     );
 
+    // Node b gains a network: b is updated (boringtun re-adds it), a is not touched.
+    let tx_before = peer_a["tx_bytes"].as_u64().unwrap_or(0);
+    let b_grown = b.peer_toml("node-b").replace("\"]\n", "\", \"10.92.0.0/24\"]\n");
+    reload(
+        &mut daemon,
+        &scratch,
+        &gateway_config(&scratch, &wg_if, &format!("{}{b_grown}", a.peer_toml("node-a"))),
+    )?;
+    let allowed = stdout(&gw.exec(&["wg", "show", &wg_if, "allowed-ips"])?);
+    let b_line = allowed
+        .lines()
+        .find(|l| l.starts_with(&b.public_key))
+        .ok_or_else(|| anyhow!("no node b in {allowed}"))?;
+    assert!(
+        b_line.contains("10.92.0.0/24") && b_line.contains(&b.pod_cidr),
+        "{allowed}"
+    );
+    let a_line = allowed
+        .lines()
+        .find(|l| l.starts_with(&a.public_key))
+        .unwrap_or_default();
+    assert!(
+        a_line.contains(&a.pod_cidr) && !a_line.contains("10.92."),
+        "{allowed}"
+    );
+    assert!(routes(&gw, &wg_if)?.contains(&"10.92.0.0/24".to_owned()));
+    wait_for(
+        "a ping to node b after its update",
+        Duration::from_secs(30),
+        || Ok(ping(&gw, &b.pod, 1).is_ok().then_some(())),
+    )?;
+    echo_transfer(&mut conn, 1 << 20)?;
+    let status = gatewayctl(&scratch, &["encryption", "status"])?;
+    let peer_a = peer_status(&status, &a.public_key).ok_or_else(|| anyhow!("no peer a in {status}"))?;
+    assert!(
+        peer_a["tx_bytes"].as_u64().unwrap_or(0) > tx_before,
+        "node a untouched by node b's update: {peer_a}"
+    );
+
     // Node a leaves the config: its route and its peer (session) go, node b stays.
     let config_b = gateway_config(&scratch, &wg_if, &b.peer_toml("node-b"));
     reload(&mut daemon, &scratch, &config_b)?;

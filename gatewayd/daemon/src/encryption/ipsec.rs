@@ -242,11 +242,9 @@ pub fn desired_xfrm(
             });
         }
         for net in &peer.allowed_ips {
-            // The tunnel endpoint itself stays outside the tunnel: its ESP packets, and whatever
-            // reaches it before its keys are in place, are not caught by its own policy.
-            if net.addr().is_ipv4() != local.is_ipv4()
-                || (net.addr() == remote && net.prefix_len() == net.max_prefix_len())
-            {
+            // The tunnel endpoint itself stays outside the tunnel (as with WireGuard): a network
+            // holding it would select the tunnel's own packets.
+            if net.addr().is_ipv4() != local.is_ipv4() || net.contains(&remote) {
                 continue;
             }
             policies.insert(PolicyId {
@@ -834,7 +832,11 @@ mod tests {
     fn each_peer_gets_states_per_key_and_policies_per_network() {
         let local = ip("192.0.2.1");
         let peers = [
-            peer("a", "192.0.2.2:0", &["10.244.1.0/24", "192.0.2.2/32"]),
+            peer(
+                "a",
+                "192.0.2.2:0",
+                &["10.244.1.0/24", "192.0.2.2/32", "192.0.2.0/24"],
+            ),
             peer("v6", "[fd00::2]:0", &["fd00:244::/64"]),
         ];
         let (states, policies) = desired_xfrm(local, &peers, [1u8, 2]);
@@ -849,7 +851,8 @@ mod tests {
             dst: local,
             spi: 1
         }));
-        // out, in, fwd for the pod network; the endpoint's own /32 and the other family: none.
+        // out, in, fwd for the pod network; networks holding the endpoint, and the other
+        // family: none.
         assert_eq!(policies.len(), 3, "{policies:?}");
         let out = policies.iter().find(|p| p.direction == XFRM_POLICY_OUT).unwrap();
         assert_eq!(

@@ -335,10 +335,9 @@ impl WireGuard {
 
     /// Executes a plan made by [`WireGuard::plan`]: the device first, then the routes.
     pub async fn apply(&mut self, plan: PeerPlan) -> Result<()> {
-        let mut update = DeviceUpdate::new();
+        let key = |k: &str| Key::from_base64(k).map_err(|_| anyhow!("invalid key {k}"));
         let peer_config = |p: &PeerSpec| -> Result<PeerConfigBuilder> {
-            let key = Key::from_base64(&p.public_key).map_err(|_| anyhow!("invalid key"))?;
-            let mut b = PeerConfigBuilder::new(&key).replace_allowed_ips();
+            let mut b = PeerConfigBuilder::new(&key(&p.public_key)?).replace_allowed_ips();
             if let Some(endpoint) = p.endpoint {
                 b = b.set_endpoint(endpoint);
             }
@@ -347,26 +346,45 @@ impl WireGuard {
             }
             Ok(b)
         };
-        for key in &plan.remove {
-            update = update.remove_peer_by_key(&Key::from_base64(key).map_err(|_| anyhow!("invalid key"))?);
-        }
-        for p in &plan.change {
-            if matches!(self.device, Device::Userspace(_)) {
-                // boringtun cannot modify a peer in place (it panics): remove and add it again,
-                // which restarts this peer's session only.
-                update = update.remove_peer_by_key(
-                    &Key::from_base64(&p.public_key).map_err(|_| anyhow!("invalid key"))?,
-                );
-            }
-            update = update.add_peer(peer_config(p)?);
-        }
-        for p in &plan.add {
-            update = update.add_peer(peer_config(p)?);
-        }
-        if !(plan.add.is_empty() && plan.change.is_empty() && plan.remove.is_empty()) {
+        let set = |update: DeviceUpdate| {
             update
                 .apply(&self.iface, self.backend())
-                .with_context(|| format!("configuring the peers of {}", self.settings.interface))?;
+                .with_context(|| format!("configuring the peers of {}", self.settings.interface))
+        };
+        match self.device {
+            Device::Kernel => {
+                // One batch; a changed peer is updated in place, its session kept.
+                let mut update = DeviceUpdate::new();
+                for k in &plan.remove {
+                    update = update.remove_peer_by_key(&key(k)?);
+                }
+                for p in plan.change.iter().chain(&plan.add) {
+                    update = update.add_peer(peer_config(p)?);
+                }
+                if !(plan.add.is_empty() && plan.change.is_empty() && plan.remove.is_empty()) {
+                    set(update)?;
+                }
+            }
+            Device::Userspace(_) => {
+                // boringtun 0.7 carries a peer section's settings (remove, endpoint, ...) over
+                // into the next section of the same request, and panics (killing a worker
+                // thread) when asked to modify a peer: one request per peer, and a changed
+                // peer is removed and added again (its session restarts, no other's does). A
+                // new peer is removed first as well, a no-op unless someone added it behind
+                // gatewayd's back with `wg set`, so an add is never a modification.
+                for k in plan
+                    .remove
+                    .iter()
+                    .chain(plan.change.iter().chain(&plan.add).map(|p| &p.public_key))
+                {
+                    set(DeviceUpdate::new().remove_peer_by_key(&key(k)?))?;
+                }
+                for p in plan.change.iter().chain(&plan.add) {
+                    set(DeviceUpdate::new().add_peer(peer_config(p)?))?;
+                }
+            }
+        }
+        if !(plan.add.is_empty() && plan.change.is_empty() && plan.remove.is_empty()) {
             info!(
                 added = plan.add.len(),
                 changed = plan.change.len(),
