@@ -11,9 +11,10 @@ pub mod ipam;
 pub mod selector;
 pub mod sync;
 
-use crate::model::{DesiredState, ServiceKey};
+use crate::model::{DesiredState, Peer, ServiceKey};
 use convert::ClusterState;
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use ipnet::IpNet;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 /// The TOML's state plus every cluster's, and the conflicts met on the way (each once, stable
 /// text, so the caller can log only new ones). The TOML wins over clusters, a lower cluster id
@@ -23,7 +24,10 @@ pub fn merge(base: &DesiredState, clusters: &BTreeMap<u32, ClusterState>) -> (De
     let mut conflicts = Vec::new();
     let mut global: BTreeSet<ServiceKey> = BTreeSet::new();
     let mut policy_names: HashSet<String> = merged.egress_policies.iter().map(|p| p.name.clone()).collect();
-    let mut peer_names: HashSet<String> = merged.peers.iter().map(|p| p.name.clone()).collect();
+    let mut peers = PeerClaims::default();
+    for p in &merged.peers {
+        peers.claim(p);
+    }
     for state in clusters.values() {
         let d = &state.desired;
         for (key, svc) in &d.services {
@@ -59,10 +63,12 @@ pub fn merge(base: &DesiredState, clusters: &BTreeMap<u32, ClusterState>) -> (De
             }
         }
         for p in &d.peers {
-            if peer_names.insert(p.name.clone()) {
-                merged.peers.push(p.clone());
-            } else {
-                conflicts.push(format!("peer {} is defined twice; the first one stays", p.name));
+            match peers.clash(p) {
+                None => {
+                    peers.claim(p);
+                    merged.peers.push(p.clone());
+                }
+                Some(clash) => conflicts.push(format!("peer {}: {clash}; the first one stays", p.name)),
             }
         }
         for (ip, id) in &d.identities {
@@ -77,6 +83,42 @@ pub fn merge(base: &DesiredState, clusters: &BTreeMap<u32, ClusterState>) -> (De
         }
     }
     (merged, conflicts)
+}
+
+/// What merged peers already hold. A peer that repeats a name, a WireGuard key or an allowed
+/// network is left out: the tunnel could not hold both (one key, one owner per network), and
+/// one bad Node must not make the whole merged state unprogrammable.
+#[derive(Default)]
+struct PeerClaims {
+    names: HashSet<String>,
+    keys: HashMap<String, String>,
+    networks: HashMap<IpNet, String>,
+}
+
+impl PeerClaims {
+    fn clash(&self, p: &Peer) -> Option<String> {
+        if self.names.contains(&p.name) {
+            return Some("defined twice".into());
+        }
+        if let Some(other) = self.keys.get(&p.public_key) {
+            return Some(format!("has the public key of peer {other}"));
+        }
+        p.allowed_ips.iter().find_map(|net| {
+            self.networks
+                .get(net)
+                .map(|other| format!("allowed IP {net} is already peer {other}'s"))
+        })
+    }
+
+    fn claim(&mut self, p: &Peer) {
+        self.names.insert(p.name.clone());
+        if !p.public_key.is_empty() {
+            self.keys.insert(p.public_key.clone(), p.name.clone());
+        }
+        for net in &p.allowed_ips {
+            self.networks.insert(*net, p.name.clone());
+        }
+    }
 }
 
 #[cfg(test)]
@@ -168,5 +210,48 @@ mod tests {
             conflicts[0].contains("a/x") && conflicts[1].contains("c/g"),
             "{conflicts:?}"
         );
+    }
+
+    #[test]
+    fn peers_that_repeat_a_name_key_or_network_are_left_out() {
+        let peer = |name: &str, key: &str, nets: &[&str]| Peer {
+            name: name.into(),
+            public_key: key.into(),
+            endpoint: None,
+            allowed_ips: nets.iter().map(|n| n.parse().unwrap()).collect(),
+        };
+        let base = DesiredState {
+            peers: vec![peer("static", "K1", &["10.244.1.0/24"])],
+            ..Default::default()
+        };
+        let nodes = |peers: Vec<Peer>| ClusterState {
+            desired: DesiredState {
+                peers,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let clusters = BTreeMap::from([(
+            1,
+            nodes(vec![
+                peer("a/n1", "K1", &["10.244.9.0/24"]),
+                peer("a/n2", "K2", &["10.244.1.0/24"]),
+                peer("static", "K3", &["10.244.3.0/24"]),
+                peer("a/n4", "K4", &["10.244.4.0/24", "10.0.0.4/32"]),
+                peer("a/n5", "", &["10.244.5.0/24"]),
+                peer("a/n6", "", &["10.244.6.0/24"]),
+            ]),
+        )]);
+        let (merged, conflicts) = merge(&base, &clusters);
+        let names: Vec<&str> = merged.peers.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["static", "a/n4", "a/n5", "a/n6"],
+            "keyless peers do not clash"
+        );
+        assert_eq!(conflicts.len(), 3, "{conflicts:?}");
+        assert!(conflicts[0].contains("a/n1") && conflicts[0].contains("public key of peer static"));
+        assert!(conflicts[1].contains("a/n2") && conflicts[1].contains("10.244.1.0/24"));
+        assert!(conflicts[2].contains("peer static: defined twice"));
     }
 }
