@@ -206,8 +206,40 @@ impl Shared {
     }
 }
 
+/// What no conversion reads and can be large: managed fields, and the copy of the whole object
+/// `kubectl apply` keeps in an annotation.
+pub(crate) fn trim<K: Resource>(object: &mut K) {
+    object.managed_fields_mut().clear();
+    object
+        .annotations_mut()
+        .remove("kubectl.kubernetes.io/last-applied-configuration");
+}
+
+/// Pods are the bulk of a cluster: keep only what identities and selectors read.
+pub(crate) fn trim_pod(pod: &mut Pod) {
+    trim(pod);
+    pod.spec = pod.spec.as_ref().map(|s| k8s_openapi::api::core::v1::PodSpec {
+        host_network: s.host_network,
+        ..Default::default()
+    });
+    pod.status = pod
+        .status
+        .as_ref()
+        .map(|s| k8s_openapi::api::core::v1::PodStatus {
+            phase: s.phase.clone(),
+            pod_ips: s.pod_ips.clone(),
+            ..Default::default()
+        });
+}
+
 /// Runs one reflector until the runtime stops; returns its store.
-fn reflect<K>(api: Api<K>, dyntype: K::DynamicType, kind: usize, shared: Arc<Shared>) -> Store<K>
+fn reflect<K>(
+    api: Api<K>,
+    dyntype: K::DynamicType,
+    kind: usize,
+    shared: Arc<Shared>,
+    trim: fn(&mut K),
+) -> Store<K>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + Hash + Clone + Send + Sync,
@@ -221,7 +253,7 @@ where
         .without_max_times();
     // Bookmarks are on by default: a reconnect resumes from a recent version, not a relist.
     let stream = watcher::watcher(api, watcher::Config::default())
-        .modify(|o: &mut K| o.managed_fields_mut().clear())
+        .modify(trim)
         .backoff(ExponentialBackoff::from(backoff));
     let stream = reflector::reflector(writer, stream);
     tokio::spawn(async move {
@@ -277,16 +309,17 @@ pub fn spawn<H: Host + Send + Sync + 'static>(
     });
     let egress_resource = crd::api_resource();
     let stores = Stores {
-        services: reflect(Api::all(client.clone()), (), 0, shared.clone()),
-        endpoint_slices: reflect(Api::all(client.clone()), (), 1, shared.clone()),
-        nodes: reflect(Api::all(client.clone()), (), 2, shared.clone()),
-        pods: reflect(Api::all(client.clone()), (), 3, shared.clone()),
-        namespaces: reflect(Api::all(client.clone()), (), 4, shared.clone()),
+        services: reflect(Api::all(client.clone()), (), 0, shared.clone(), trim),
+        endpoint_slices: reflect(Api::all(client.clone()), (), 1, shared.clone(), trim),
+        nodes: reflect(Api::all(client.clone()), (), 2, shared.clone(), trim),
+        pods: reflect(Api::all(client.clone()), (), 3, shared.clone(), trim_pod),
+        namespaces: reflect(Api::all(client.clone()), (), 4, shared.clone(), trim),
         egress_policies: reflect(
             Api::all_with(client.clone(), &egress_resource),
             egress_resource.clone(),
             5,
             shared.clone(),
+            trim,
         ),
     };
     let policies: Api<DynamicObject> = Api::all_with(client.clone(), &egress_resource);
