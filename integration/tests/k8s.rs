@@ -213,6 +213,27 @@ impl Lab {
         })
     }
 
+    /// `egress list`'s source CIDRs of policy `name`.
+    fn policy_sources(&self, name: &str) -> Result<Value> {
+        let list = self.ctl(&["egress", "list"])?;
+        list.as_array()
+            .and_then(|l| l.iter().find(|p| p["name"] == name))
+            .map(|p| p["source_cidrs"].clone())
+            .ok_or_else(|| anyhow!("no policy {name} in {list}"))
+    }
+
+    fn wait_policy_sources(&self, name: &str, wanted: Value) -> Result<()> {
+        self.wait_for(&format!("{name} sources {wanted}"), |lab| {
+            Ok((lab.policy_sources(name)? == wanted).then_some(()))
+        })
+    }
+
+    fn wait_identities(&self, n: usize) -> Result<()> {
+        self.wait_for(&format!("{n} identities"), |lab| {
+            Ok((lab.ctl(&["identities"])?.as_array().map(Vec::len) == Some(n)).then_some(()))
+        })
+    }
+
     fn slice(&self, ready: &[&str]) -> Result<()> {
         let endpoints: Vec<Value> = ready
             .iter()
@@ -364,6 +385,24 @@ fn services_follow_the_cluster_and_survive_its_outage() -> Result<()> {
         condition("web-out").map(|c| c["status"].clone()),
         Some(json!("True"))
     );
+
+    // Pods and namespaces move the policy's sources: a pod of an unselected namespace joins
+    // when its namespace gets the label, and a deleted pod leaves.
+    lab.api
+        .apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "bank"}}))?;
+    lab.api.apply(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web-1", "namespace": "bank", "labels": {"app": "web"}},
+        "spec": {"containers": [{"name": "web", "image": "web"}]},
+        "status": {"phase": "Running", "podIP": "10.244.0.6", "podIPs": [{"ip": "10.244.0.6"}]},
+    }))?;
+    lab.wait_identities(2)?;
+    assert_eq!(lab.policy_sources("lab/web-out")?, json!(["10.244.0.5/32"]));
+    lab.api.apply(json!({"apiVersion": "v1", "kind": "Namespace",
+                          "metadata": {"name": "bank", "labels": {"team": "shop"}}}))?;
+    lab.wait_policy_sources("lab/web-out", json!(["10.244.0.5/32", "10.244.0.6/32"]))?;
+    lab.api.delete("v1", "Pod", Some("shop"), "web-0")?;
+    lab.wait_policy_sources("lab/web-out", json!(["10.244.0.6/32"]))?;
 
     // Deleted: the VIP goes.
     lab.api.delete("v1", "Service", Some("shop"), "web")?;
