@@ -42,7 +42,7 @@ struct Daemon {
     /// What is programmed: the TOML's desired state merged with every cluster's.
     desired: DesiredState,
     /// The last state of each Kubernetes cluster, by cluster id.
-    cluster_states: BTreeMap<u32, ClusterState>,
+    cluster_states: BTreeMap<u32, Arc<ClusterState>>,
     clusters: Vec<SharedStatus>,
     /// Merge conflicts as last logged, so each is logged once.
     conflicts: Vec<String>,

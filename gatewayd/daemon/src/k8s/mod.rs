@@ -14,11 +14,15 @@ pub mod sync;
 use crate::model::{DesiredState, ServiceKey};
 use convert::ClusterState;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
 
 /// The TOML's state plus every cluster's, and the conflicts met on the way (each once, stable
 /// text, so the caller can log only new ones). The TOML wins over clusters, a lower cluster id
 /// over a higher one, except for services every claimant marked global, whose backends merge.
-pub fn merge(base: &DesiredState, clusters: &BTreeMap<u32, ClusterState>) -> (DesiredState, Vec<String>) {
+pub fn merge(
+    base: &DesiredState,
+    clusters: &BTreeMap<u32, Arc<ClusterState>>,
+) -> (DesiredState, Vec<String>) {
     let mut merged = base.clone();
     let mut conflicts = Vec::new();
     let mut global: BTreeSet<ServiceKey> = BTreeSet::new();
@@ -102,8 +106,8 @@ mod tests {
         }
     }
 
-    fn cluster(services: Vec<Service>, global: bool) -> ClusterState {
-        ClusterState {
+    fn cluster(services: Vec<Service>, global: bool) -> Arc<ClusterState> {
+        Arc::new(ClusterState {
             global_services: if global {
                 services.iter().map(|s| s.key).collect()
             } else {
@@ -114,7 +118,7 @@ mod tests {
                 ..Default::default()
             },
             ..Default::default()
-        }
+        })
     }
 
     #[test]
