@@ -4,9 +4,11 @@
 //! - The state is always computed from the full stores, never from events: a relist (after a
 //!   410 Gone, or a reconnect) swaps in a fresh store without Delete events for objects that
 //!   vanished meanwhile, and recomputing from the store sweeps them (mark and sweep).
-//! - Nothing is sent before every kind has listed once, so a half-synced cluster never
-//!   programs a partial state; an unreachable API server sends nothing, so the last state
-//!   stays programmed (no flush) while the status says the cluster is stale.
+//! - Nothing is sent before every kind has listed once, nor while a kind is in the middle of a
+//!   relist, so a half-synced cluster never programs a partial state; an unreachable API
+//!   server sends nothing, so the last state stays programmed (no flush) while the status says
+//!   the cluster is stale. A watch that resumes delivers nothing until the next change, so a
+//!   probe of the API's version tells when a stale cluster is reachable again.
 //! - Bursts are debounced: the state is computed once the events have been quiet for
 //!   [`QUIET`] (at most every [`MAX_DELAY`] under a steady stream).
 
