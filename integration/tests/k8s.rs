@@ -40,6 +40,7 @@ struct Lab {
     daemon: Option<Daemon>,
     api: ApiServer,
     api_addr: SocketAddr,
+    kubeconfig: std::path::PathBuf,
     _servers: Vec<BackendServer>,
     _decaps: Vec<Decap>,
     scratch: Scratch,
@@ -94,13 +95,16 @@ impl Lab {
         let mut api = ApiServer::new();
         let listener = gw.run_in(|| Ok(TcpListener::bind("127.0.0.1:0")?))?;
         let api_addr = api.start(listener)?;
+        let scratch = Scratch::new()?;
+        let kubeconfig = scratch.write("kubeconfig", &api.kubeconfig()?)?;
         Ok(Lab {
             daemon: None,
             api,
             api_addr,
+            kubeconfig,
             _servers: servers,
             _decaps: decaps,
-            scratch: Scratch::new()?,
+            scratch,
             gw,
             client,
             backends,
@@ -109,12 +113,11 @@ impl Lab {
     }
 
     fn start_daemon(&mut self) -> Result<()> {
-        let kubeconfig = self.scratch.write("kubeconfig", &self.api.kubeconfig()?)?;
         let config = format!(
             "{}[[interfaces]]\nname = \"eth0\"\nxdp_mode = \"native\"\n\n[egress]\ninterface = \"eth0\"\n\n\
              [[clusters]]\nid = 1\nname = \"{CLUSTER}\"\nkubeconfig = {:?}\n",
             self.scratch.daemon_table(),
-            kubeconfig.display().to_string()
+            self.kubeconfig.display().to_string()
         );
         let path = self.scratch.write("gatewayd.toml", &config)?;
         let mut daemon = Daemon::spawn(&self.gw, &self.scratch, &path)?;
@@ -305,6 +308,16 @@ fn services_follow_the_cluster_and_survive_its_outage() -> Result<()> {
         Some(1.0),
         "{metrics}"
     );
+
+    // A daemon restarted while the API is still down starts from the cluster's saved state:
+    // the service stays programmed (same id) and keeps serving.
+    let mut old = lab.daemon.take().expect("daemon started");
+    old.signal(libc::SIGTERM)?;
+    old.wait()?;
+    lab.start_daemon()?;
+    assert_eq!(lab.service()?.map(|(sid, _)| sid), Some(id), "{}", lab.log());
+    assert_eq!(lab.cluster_status()?["state"], "connecting");
+    assert_eq!(lab.connections(10)?, BTreeMap::from([("b1".to_string(), 10)]));
 
     // While it is down the slice changes to b2 and the history is compacted: back on the same
     // port, the watchers get 410 Gone and relist; the service is updated in place (same id:

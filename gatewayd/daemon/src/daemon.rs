@@ -46,6 +46,10 @@ struct Daemon {
     clusters: Vec<SharedStatus>,
     /// Merge conflicts as last logged, so each is logged once.
     conflicts: Vec<String>,
+    /// Background writes of saved cluster states: a sequence number per save, and per cluster
+    /// the newest one written (an older write that runs late must not overwrite a newer one).
+    save_sequence: u64,
+    saved: Arc<std::sync::Mutex<BTreeMap<u32, u64>>>,
 }
 
 fn notify(states: &[NotifyState]) {
@@ -114,7 +118,10 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
         cluster_states: BTreeMap::new(),
         clusters: Vec::new(),
         conflicts: Vec::new(),
+        save_sequence: 0,
+        saved: Arc::default(),
     };
+    daemon.restore_clusters();
     daemon.apply(&config).context("applying the configuration")?;
     daemon.sync_netlink().await;
     daemon.generation = 1;
@@ -298,6 +305,7 @@ impl Daemon {
             Ok(()) => {
                 self.publish_metrics();
                 self.sync_netlink().await;
+                self.save_cluster(id);
             }
             Err(e) => {
                 error!(
@@ -310,6 +318,54 @@ impl Daemon {
                 };
             }
         }
+    }
+
+    /// Starts from each cluster's last saved state, so what a previous daemon programmed from
+    /// the clusters stays programmed until each cluster is reachable and says otherwise.
+    fn restore_clusters(&mut self) {
+        for cluster in &self.config.settings.clusters {
+            let path = crate::k8s::saved::path(&self.config.settings.state_dir, cluster.id);
+            match crate::k8s::saved::load(&path, &cluster.name) {
+                Ok(Some(state)) => {
+                    info!(
+                        cluster = %cluster.name,
+                        services = state.desired.services.len(),
+                        "starting from the cluster's last saved state until it syncs"
+                    );
+                    self.cluster_states.insert(cluster.id, Arc::new(state));
+                }
+                Ok(None) => {}
+                Err(e) => warn!(cluster = %cluster.name, "ignoring the saved state: {e:#}"),
+            }
+        }
+    }
+
+    /// Saves a cluster's state in the background: a large cluster's file takes a while to
+    /// write, and the main loop must not wait for it.
+    fn save_cluster(&mut self, id: u32) {
+        let (Some(state), Some(cluster)) = (
+            self.cluster_states.get(&id).cloned(),
+            self.config.settings.clusters.iter().find(|c| c.id == id),
+        ) else {
+            return;
+        };
+        let path = crate::k8s::saved::path(&self.config.settings.state_dir, id);
+        let name = cluster.name.clone();
+        self.save_sequence += 1;
+        let sequence = self.save_sequence;
+        let saved = self.saved.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut written = saved.lock().expect("saved lock");
+            if written.get(&id).is_some_and(|w| *w > sequence) {
+                return;
+            }
+            match crate::k8s::saved::save(&path, &name, &state) {
+                Ok(()) => {
+                    written.insert(id, sequence);
+                }
+                Err(e) => warn!(cluster = %name, "saving the cluster's state failed: {e:#}"),
+            }
+        });
     }
 
     fn warn_restart_only_changes(&self, new: &Config) {

@@ -8,6 +8,7 @@ pub mod convert;
 pub mod crd;
 pub mod identity;
 pub mod ipam;
+pub mod saved;
 pub mod selector;
 pub mod sync;
 
