@@ -226,7 +226,8 @@ impl Daemon {
             .collect();
         wanted.extend(EgressGateway::attachments(&desired.egress_policies));
         self.datapath.sync_attachments(&wanted)?;
-        if !desired.peers.is_empty() {
+        // Once per change: cluster updates come often.
+        if !desired.peers.is_empty() && desired.peers != self.desired.peers {
             warn!("peers are configured but not enforced by this version of gatewayd");
         }
         self.desired = desired;
