@@ -361,6 +361,14 @@ async fn handle(
     Query(params): Query<Params>,
     body: Bytes,
 ) -> Response {
+    if uri.path() == "/version" {
+        return axum::Json(json!({
+            "major": "1", "minor": "35", "gitVersion": "v1.35.0-gatewayd-test",
+            "gitCommit": "", "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z",
+            "goVersion": "go1.25", "compiler": "gc", "platform": "linux/amd64",
+        }))
+        .into_response();
+    }
     let Some(target) = parse_path(uri.path()) else {
         return status(
             StatusCode::NOT_FOUND,

@@ -40,6 +40,7 @@ struct Lab {
     daemon: Option<Daemon>,
     api: ApiServer,
     api_addr: SocketAddr,
+    kubeconfig: std::path::PathBuf,
     _servers: Vec<BackendServer>,
     _decaps: Vec<Decap>,
     scratch: Scratch,
@@ -94,13 +95,16 @@ impl Lab {
         let mut api = ApiServer::new();
         let listener = gw.run_in(|| Ok(TcpListener::bind("127.0.0.1:0")?))?;
         let api_addr = api.start(listener)?;
+        let scratch = Scratch::new()?;
+        let kubeconfig = scratch.write("kubeconfig", &api.kubeconfig()?)?;
         Ok(Lab {
             daemon: None,
             api,
             api_addr,
+            kubeconfig,
             _servers: servers,
             _decaps: decaps,
-            scratch: Scratch::new()?,
+            scratch,
             gw,
             client,
             backends,
@@ -109,12 +113,11 @@ impl Lab {
     }
 
     fn start_daemon(&mut self) -> Result<()> {
-        let kubeconfig = self.scratch.write("kubeconfig", &self.api.kubeconfig()?)?;
         let config = format!(
             "{}[[interfaces]]\nname = \"eth0\"\nxdp_mode = \"native\"\n\n[egress]\ninterface = \"eth0\"\n\n\
              [[clusters]]\nid = 1\nname = \"{CLUSTER}\"\nkubeconfig = {:?}\n",
             self.scratch.daemon_table(),
-            kubeconfig.display().to_string()
+            self.kubeconfig.display().to_string()
         );
         let path = self.scratch.write("gatewayd.toml", &config)?;
         let mut daemon = Daemon::spawn(&self.gw, &self.scratch, &path)?;
@@ -213,6 +216,27 @@ impl Lab {
         })
     }
 
+    /// `egress list`'s source CIDRs of policy `name`.
+    fn policy_sources(&self, name: &str) -> Result<Value> {
+        let list = self.ctl(&["egress", "list"])?;
+        list.as_array()
+            .and_then(|l| l.iter().find(|p| p["name"] == name))
+            .map(|p| p["source_cidrs"].clone())
+            .ok_or_else(|| anyhow!("no policy {name} in {list}"))
+    }
+
+    fn wait_policy_sources(&self, name: &str, wanted: Value) -> Result<()> {
+        self.wait_for(&format!("{name} sources {wanted}"), |lab| {
+            Ok((lab.policy_sources(name)? == wanted).then_some(()))
+        })
+    }
+
+    fn wait_identities(&self, n: usize) -> Result<()> {
+        self.wait_for(&format!("{n} identities"), |lab| {
+            Ok((lab.ctl(&["identities"])?.as_array().map(Vec::len) == Some(n)).then_some(()))
+        })
+    }
+
     fn slice(&self, ready: &[&str]) -> Result<()> {
         let endpoints: Vec<Value> = ready
             .iter()
@@ -284,6 +308,16 @@ fn services_follow_the_cluster_and_survive_its_outage() -> Result<()> {
         Some(1.0),
         "{metrics}"
     );
+
+    // A daemon restarted while the API is still down starts from the cluster's saved state:
+    // the service stays programmed (same id) and keeps serving.
+    let mut old = lab.daemon.take().expect("daemon started");
+    old.signal(libc::SIGTERM)?;
+    old.wait()?;
+    lab.start_daemon()?;
+    assert_eq!(lab.service()?.map(|(sid, _)| sid), Some(id), "{}", lab.log());
+    assert_eq!(lab.cluster_status()?["state"], "connecting");
+    assert_eq!(lab.connections(10)?, BTreeMap::from([("b1".to_string(), 10)]));
 
     // While it is down the slice changes to b2 and the history is compacted: back on the same
     // port, the watchers get 410 Gone and relist; the service is updated in place (same id:
@@ -364,6 +398,24 @@ fn services_follow_the_cluster_and_survive_its_outage() -> Result<()> {
         condition("web-out").map(|c| c["status"].clone()),
         Some(json!("True"))
     );
+
+    // Pods and namespaces move the policy's sources: a pod of an unselected namespace joins
+    // when its namespace gets the label, and a deleted pod leaves.
+    lab.api
+        .apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "bank"}}))?;
+    lab.api.apply(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web-1", "namespace": "bank", "labels": {"app": "web"}},
+        "spec": {"containers": [{"name": "web", "image": "web"}]},
+        "status": {"phase": "Running", "podIP": "10.244.0.6", "podIPs": [{"ip": "10.244.0.6"}]},
+    }))?;
+    lab.wait_identities(2)?;
+    assert_eq!(lab.policy_sources("lab/web-out")?, json!(["10.244.0.5/32"]));
+    lab.api.apply(json!({"apiVersion": "v1", "kind": "Namespace",
+                          "metadata": {"name": "bank", "labels": {"team": "shop"}}}))?;
+    lab.wait_policy_sources("lab/web-out", json!(["10.244.0.5/32", "10.244.0.6/32"]))?;
+    lab.api.delete("v1", "Pod", Some("shop"), "web-0")?;
+    lab.wait_policy_sources("lab/web-out", json!(["10.244.0.6/32"]))?;
 
     // Deleted: the VIP goes.
     lab.api.delete("v1", "Service", Some("shop"), "web")?;

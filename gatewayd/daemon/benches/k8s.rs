@@ -12,7 +12,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use gatewayd::config::{Cluster, ClusterAccess, Host, DEFAULT_LOAD_BALANCER_CLASS};
-use gatewayd::k8s::convert::ClusterState;
+use gatewayd::k8s::convert::{convert, ClusterObjects, ClusterState, Context as ConvertContext};
 use gatewayd::k8s::sync::{self, ClusterUpdate};
 use gatewayd::lb::maglev::DEFAULT_TABLE_SIZE;
 use gatewayd::lb::reconcile::{LbParams, Programmed};
@@ -22,6 +22,7 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const ENDPOINTS: usize = 10;
@@ -76,18 +77,22 @@ fn slice(i: usize, round: usize) -> Value {
 
 /// The child: an API server holding `services` Services and their slices; on each `churn`
 /// line from stdin, re-addresses the endpoints of [`CHURN_SLICES`] slices and answers `ok`.
+fn service(i: usize) -> Value {
+    // A VIP of its own per service.
+    let vip = format!("10.{}.{}.{}", 64 + (i >> 16), (i >> 8) & 255, i & 255);
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": format!("svc-{i}"), "namespace": "bench"},
+        "spec": {"type": "LoadBalancer", "loadBalancerClass": DEFAULT_LOAD_BALANCER_CLASS,
+                 "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 80}]},
+        "status": {"loadBalancer": {"ingress": [{"ip": vip}]}},
+    })
+}
+
 fn serve(services: usize) -> Result<()> {
     let mut api = ApiServer::new();
     for i in 0..services {
-        // A VIP of its own per service.
-        let vip = format!("10.{}.{}.{}", 64 + (i >> 16), (i >> 8) & 255, i & 255);
-        api.apply(json!({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": format!("svc-{i}"), "namespace": "bench"},
-            "spec": {"type": "LoadBalancer", "loadBalancerClass": DEFAULT_LOAD_BALANCER_CLASS,
-                     "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 80}]},
-            "status": {"loadBalancer": {"ingress": [{"ip": vip}]}},
-        }))?;
+        api.apply(service(i))?;
         api.apply(slice(i, 0))?;
     }
     let addr = api.start(std::net::TcpListener::bind("127.0.0.1:0")?)?;
@@ -125,7 +130,7 @@ fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1000.0)
 }
 
-async fn next_state(updates: &mut tokio::sync::mpsc::Receiver<ClusterUpdate>) -> Result<ClusterState> {
+async fn next_state(updates: &mut tokio::sync::mpsc::Receiver<ClusterUpdate>) -> Result<Arc<ClusterState>> {
     tokio::time::timeout(Duration::from_secs(300), updates.recv())
         .await
         .context("no cluster state within 5 minutes")?
@@ -220,14 +225,16 @@ async fn measure(services: usize) -> Result<()> {
         let modelled = burst.elapsed();
         clusters.insert(1, state);
         let (desired, _) = gatewayd::k8s::merge(&base, &clusters);
+        let merged = burst.elapsed();
         let (ops, next) = programmed.plan(&desired.services, &params)?;
         programmed = next;
         let total = burst.elapsed();
         println!(
-            "churn {round}: {} endpoints changed (server took {}): model {}, planned ({} ops) {}",
+            "churn {round}: {} endpoints changed (server took {}): model {}, merged {}, planned ({} ops) {}",
             CHURN_SLICES * ENDPOINTS,
             ms(applied),
             ms(modelled),
+            ms(merged),
             ops.len(),
             ms(total)
         );
@@ -235,6 +242,44 @@ async fn measure(services: usize) -> Result<()> {
     println!(
         "(model includes the {} ms quiet period that debounces bursts)",
         sync::QUIET.as_millis()
+    );
+    // The conversion alone (what every state change costs, on the same objects).
+    let objects = ClusterObjects {
+        services: (0..services)
+            .map(|i| Ok(Arc::new(serde_json::from_value(service(i))?)))
+            .collect::<Result<_>>()?,
+        endpoint_slices: (0..services)
+            .map(|i| Ok(Arc::new(serde_json::from_value(slice(i, 0))?)))
+            .collect::<Result<_>>()?,
+        ..Default::default()
+    };
+    let cluster = Cluster {
+        id: 1,
+        name: "bench".into(),
+        access: ClusterAccess::Kubeconfig {
+            path: "/dev/null".into(),
+            context: None,
+        },
+        load_balancer_class: DEFAULT_LOAD_BALANCER_CLASS.into(),
+        identity_ignore_labels: vec![],
+        wireguard_port: 51820,
+        address_pools: vec![],
+    };
+    let cx = ConvertContext {
+        cluster: &cluster,
+        egress_interface: None,
+        host: &AnyInterface,
+    };
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        std::hint::black_box(convert(&cx, &objects));
+        times.push(t.elapsed());
+    }
+    times.sort();
+    println!(
+        "conversion alone ({services} services, median of 5): {}",
+        ms(times[2])
     );
     drop(child_in);
     let _ = child.wait();

@@ -44,10 +44,14 @@ struct Daemon {
     /// What is programmed: the TOML's desired state merged with every cluster's.
     desired: DesiredState,
     /// The last state of each Kubernetes cluster, by cluster id.
-    cluster_states: BTreeMap<u32, ClusterState>,
+    cluster_states: BTreeMap<u32, Arc<ClusterState>>,
     clusters: Vec<SharedStatus>,
     /// Merge conflicts as last logged, so each is logged once.
     conflicts: Vec<String>,
+    /// Background writes of saved cluster states: a sequence number per save, and per cluster
+    /// the newest one written (an older write that runs late must not overwrite a newer one).
+    save_sequence: u64,
+    saved: Arc<std::sync::Mutex<BTreeMap<u32, u64>>>,
 }
 
 fn notify(states: &[NotifyState]) {
@@ -117,7 +121,10 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
         cluster_states: BTreeMap::new(),
         clusters: Vec::new(),
         conflicts: Vec::new(),
+        save_sequence: 0,
+        saved: Arc::default(),
     };
+    daemon.restore_clusters();
     daemon
         .program(&config)
         .await
@@ -257,7 +264,11 @@ impl Daemon {
             .collect();
         wanted.extend(EgressGateway::attachments(&desired.egress_policies));
         self.datapath.sync_attachments(&wanted)?;
-        if s.encryption.mode == crate::config::EncryptionMode::None && !desired.peers.is_empty() {
+        // Once per change: cluster updates come often.
+        if s.encryption.mode == crate::config::EncryptionMode::None
+            && !desired.peers.is_empty()
+            && desired.peers != self.desired.peers
+        {
             warn!("peers are configured but encryption.mode is \"none\": they are not used");
         }
         self.desired = desired;
@@ -333,6 +344,7 @@ impl Daemon {
                 self.publish_metrics();
                 self.sync_netlink().await;
                 self.publish_encryption().await;
+                self.save_cluster(id);
             }
             Err(e) => {
                 error!(
@@ -362,6 +374,54 @@ impl Daemon {
             Ok(status) => self.metrics.publish_encryption(status),
             Err(e) => warn!("reading the encryption status: {e:#}"),
         }
+    }
+
+    /// Starts from each cluster's last saved state, so what a previous daemon programmed from
+    /// the clusters stays programmed until each cluster is reachable and says otherwise.
+    fn restore_clusters(&mut self) {
+        for cluster in &self.config.settings.clusters {
+            let path = crate::k8s::saved::path(&self.config.settings.state_dir, cluster.id);
+            match crate::k8s::saved::load(&path, &cluster.name) {
+                Ok(Some(state)) => {
+                    info!(
+                        cluster = %cluster.name,
+                        services = state.desired.services.len(),
+                        "starting from the cluster's last saved state until it syncs"
+                    );
+                    self.cluster_states.insert(cluster.id, Arc::new(state));
+                }
+                Ok(None) => {}
+                Err(e) => warn!(cluster = %cluster.name, "ignoring the saved state: {e:#}"),
+            }
+        }
+    }
+
+    /// Saves a cluster's state in the background: a large cluster's file takes a while to
+    /// write, and the main loop must not wait for it.
+    fn save_cluster(&mut self, id: u32) {
+        let (Some(state), Some(cluster)) = (
+            self.cluster_states.get(&id).cloned(),
+            self.config.settings.clusters.iter().find(|c| c.id == id),
+        ) else {
+            return;
+        };
+        let path = crate::k8s::saved::path(&self.config.settings.state_dir, id);
+        let name = cluster.name.clone();
+        self.save_sequence += 1;
+        let sequence = self.save_sequence;
+        let saved = self.saved.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut written = saved.lock().expect("saved lock");
+            if written.get(&id).is_some_and(|w| *w > sequence) {
+                return;
+            }
+            match crate::k8s::saved::save(&path, &name, &state) {
+                Ok(()) => {
+                    written.insert(id, sequence);
+                }
+                Err(e) => warn!(cluster = %name, "saving the cluster's state failed: {e:#}"),
+            }
+        });
     }
 
     fn warn_restart_only_changes(&self, new: &Config) {

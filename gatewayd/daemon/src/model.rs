@@ -2,11 +2,12 @@
 //! (the TOML file, Kubernetes clusters) and of how it is programmed (BPF maps).
 
 use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Protocol {
     Tcp,
     Udp,
@@ -31,7 +32,7 @@ impl fmt::Display for Protocol {
 }
 
 /// What identifies a load-balanced service on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ServiceKey {
     pub vip: IpAddr,
     pub port: u16,
@@ -47,7 +48,7 @@ impl fmt::Display for ServiceKey {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Encapsulation {
     /// IPIP for IPv4 inside, IP6IP6 (protocol 41) for IPv6 inside; the outer family is the
     /// backend's.
@@ -56,7 +57,7 @@ pub enum Encapsulation {
     Gue { port: u16 },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum BackendState {
     /// Receives new flows.
     Active,
@@ -76,14 +77,14 @@ impl fmt::Display for BackendState {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Backend {
     pub address: IpAddr,
     pub weight: u32,
     pub state: BackendState,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {
     pub name: String,
     pub key: ServiceKey,
@@ -95,7 +96,7 @@ pub struct Service {
     pub backends: Vec<Backend>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EgressPolicy {
     pub name: String,
     /// Pods (as /32 and /128) and CIDRs whose traffic the policy selects.
@@ -109,7 +110,7 @@ pub struct EgressPolicy {
     pub egress_ip: Option<IpAddr>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Peer {
     pub name: String,
     /// Base64 WireGuard public key; empty for a peer reached by IPsec only.
@@ -120,7 +121,7 @@ pub struct Peer {
 }
 
 /// The security identity of one pod address (Kubernetes; see docs/kubernetes.md).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
     /// Cluster id in the top 8 bits, a hash of the pod's security-relevant labels below.
     pub id: u32,

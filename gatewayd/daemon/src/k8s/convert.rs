@@ -842,4 +842,34 @@ mod tests {
         assert_eq!(invalid.len(), 6);
         assert_eq!(state.egress_verdicts["shop-web"], None);
     }
+
+    fn trimmed<K: Clone>(objects: &mut [Arc<K>], f: fn(&mut K)) {
+        for o in objects {
+            f(Arc::make_mut(o));
+        }
+    }
+
+    #[test]
+    fn trimmed_objects_convert_the_same() {
+        use crate::k8s::sync::{trim, trim_pod};
+        let mut objects = objects();
+        let full = converted();
+        trimmed(&mut objects.pods, trim_pod);
+        trimmed(&mut objects.services, trim);
+        trimmed(&mut objects.endpoint_slices, trim);
+        trimmed(&mut objects.nodes, trim);
+        trimmed(&mut objects.namespaces, trim);
+        trimmed(&mut objects.egress_policies, trim);
+        assert!(objects
+            .pods
+            .iter()
+            .all(|p| p.spec.as_ref().unwrap().containers.is_empty()));
+        let cluster = cluster();
+        let cx = Context {
+            cluster: &cluster,
+            egress_interface: Some("eth0"),
+            host: &TestHost,
+        };
+        assert_eq!(convert(&cx, &objects), full);
+    }
 }

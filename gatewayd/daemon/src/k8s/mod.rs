@@ -8,6 +8,7 @@ pub mod convert;
 pub mod crd;
 pub mod identity;
 pub mod ipam;
+pub mod saved;
 pub mod selector;
 pub mod sync;
 
@@ -15,11 +16,15 @@ use crate::model::{DesiredState, Peer, ServiceKey};
 use convert::ClusterState;
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 /// The TOML's state plus every cluster's, and the conflicts met on the way (each once, stable
 /// text, so the caller can log only new ones). The TOML wins over clusters, a lower cluster id
 /// over a higher one, except for services every claimant marked global, whose backends merge.
-pub fn merge(base: &DesiredState, clusters: &BTreeMap<u32, ClusterState>) -> (DesiredState, Vec<String>) {
+pub fn merge(
+    base: &DesiredState,
+    clusters: &BTreeMap<u32, Arc<ClusterState>>,
+) -> (DesiredState, Vec<String>) {
     let mut merged = base.clone();
     let mut conflicts = Vec::new();
     let mut global: BTreeSet<ServiceKey> = BTreeSet::new();
@@ -144,8 +149,8 @@ mod tests {
         }
     }
 
-    fn cluster(services: Vec<Service>, global: bool) -> ClusterState {
-        ClusterState {
+    fn cluster(services: Vec<Service>, global: bool) -> Arc<ClusterState> {
+        Arc::new(ClusterState {
             global_services: if global {
                 services.iter().map(|s| s.key).collect()
             } else {
@@ -156,7 +161,7 @@ mod tests {
                 ..Default::default()
             },
             ..Default::default()
-        }
+        })
     }
 
     #[test]
@@ -224,12 +229,14 @@ mod tests {
             peers: vec![peer("static", "K1", &["10.244.1.0/24"])],
             ..Default::default()
         };
-        let nodes = |peers: Vec<Peer>| ClusterState {
-            desired: DesiredState {
-                peers,
+        let nodes = |peers: Vec<Peer>| {
+            Arc::new(ClusterState {
+                desired: DesiredState {
+                    peers,
+                    ..Default::default()
+                },
                 ..Default::default()
-            },
-            ..Default::default()
+            })
         };
         let clusters = BTreeMap::from([(
             1,

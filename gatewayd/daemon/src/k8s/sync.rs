@@ -4,9 +4,11 @@
 //! - The state is always computed from the full stores, never from events: a relist (after a
 //!   410 Gone, or a reconnect) swaps in a fresh store without Delete events for objects that
 //!   vanished meanwhile, and recomputing from the store sweeps them (mark and sweep).
-//! - Nothing is sent before every kind has listed once, so a half-synced cluster never
-//!   programs a partial state; an unreachable API server sends nothing, so the last state
-//!   stays programmed (no flush) while the status says the cluster is stale.
+//! - Nothing is sent before every kind has listed once, nor while a kind is in the middle of a
+//!   relist, so a half-synced cluster never programs a partial state; an unreachable API
+//!   server sends nothing, so the last state stays programmed (no flush) while the status says
+//!   the cluster is stale. A watch that resumes delivers nothing until the next change, so a
+//!   probe of the API's version tells when a stale cluster is reachable again.
 //! - Bursts are debounced: the state is computed once the events have been quiet for
 //!   [`QUIET`] (at most every [`MAX_DELAY`] under a steady stream).
 
@@ -120,7 +122,8 @@ pub async fn start_all(settings: &Settings, updates: mpsc::Sender<ClusterUpdate>
 #[derive(Debug)]
 pub struct ClusterUpdate {
     pub cluster_id: u32,
-    pub state: ClusterState,
+    /// Shared with the sync loop, which compares the next state with it: no deep copies.
+    pub state: Arc<ClusterState>,
 }
 
 /// A kube client for `cluster`, from its kubeconfig or from server + token file (+ CA file).
@@ -161,8 +164,38 @@ pub async fn client(cluster: &Cluster) -> Result<Client> {
 
 #[derive(Default, Clone, Copy)]
 struct KindHealth {
+    /// Listed completely at least once.
     listed: bool,
+    /// Between the start and the end of a relist: its store is about to be replaced.
+    relisting: bool,
     failing: bool,
+}
+
+/// What one reflector reported.
+enum Observed {
+    /// A relist started.
+    Init,
+    /// A relist completed.
+    InitDone,
+    /// An object event.
+    Change,
+    /// The API does not serve the kind (e.g. the CRD is not installed): as good as empty.
+    NotServed(String),
+    Failed(String),
+}
+
+impl Observed {
+    fn of<K>(event: &watcher::Result<watcher::Event<K>>) -> Self {
+        match event {
+            Ok(watcher::Event::Init) => Observed::Init,
+            Ok(watcher::Event::InitDone) => Observed::InitDone,
+            Ok(_) => Observed::Change,
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(e))) if e.code == 404 => {
+                Observed::NotServed(e.message.clone())
+            }
+            Err(e) => Observed::Failed(e.to_string()),
+        }
+    }
 }
 
 /// What the reflector tasks tell the converting loop.
@@ -173,23 +206,65 @@ struct Shared {
 }
 
 impl Shared {
-    fn observe(&self, kind: usize, event: std::result::Result<bool, String>) {
+    fn observe(&self, kind: usize, event: Observed) {
         let mut kinds = self.kinds.lock().expect("kinds");
         let mut status = self.status.lock().expect("status");
+        let k = &mut kinds[kind];
         match event {
-            Ok(init_done) => {
-                kinds[kind].failing = false;
-                kinds[kind].listed |= init_done;
+            Observed::Init | Observed::InitDone | Observed::Change => {
+                k.failing = false;
+                match event {
+                    Observed::Init => k.relisting = true,
+                    Observed::InitDone => {
+                        k.relisting = false;
+                        k.listed = true;
+                    }
+                    _ => {}
+                }
                 status.last_event = Some(Instant::now());
             }
-            Err(e) => {
-                if !kinds[kind].failing {
+            Observed::NotServed(message) => {
+                if !k.listed {
+                    warn!(cluster = %status.name, kind = KINDS[kind], "not served by this cluster, taken as empty: {message}");
+                }
+                k.listed = true;
+                k.relisting = false;
+                k.failing = false;
+            }
+            Observed::Failed(e) => {
+                if !k.failing {
                     warn!(cluster = %status.name, kind = KINDS[kind], "watch failed, retrying: {e}");
                 }
-                kinds[kind].failing = true;
+                k.failing = true;
+                k.relisting = false;
                 status.last_error = Some(format!("{}: {e}", KINDS[kind]));
             }
         }
+        Self::update_state(&kinds[..], &mut status);
+        drop((kinds, status));
+        self.wake.notify_one();
+    }
+
+    /// The API answered: watches that failed are reconnecting now (a watch that resumes from
+    /// its resourceVersion delivers nothing until the next change, so this is how a recovery
+    /// is seen); any that still fails says so again.
+    fn reachable(&self) {
+        let mut kinds = self.kinds.lock().expect("kinds");
+        if !kinds.iter().any(|k| k.failing) {
+            return;
+        }
+        for k in kinds.iter_mut() {
+            k.failing = false;
+        }
+        let mut status = self.status.lock().expect("status");
+        Self::update_state(&kinds[..], &mut status);
+    }
+
+    fn failing(&self) -> bool {
+        self.kinds.lock().expect("kinds").iter().any(|k| k.failing)
+    }
+
+    fn update_state(kinds: &[KindHealth], status: &mut ClusterStatus) {
         let listed = kinds.iter().all(|k| k.listed);
         let failing = kinds.iter().any(|k| k.failing);
         status.state = match (status.state, listed, failing) {
@@ -197,17 +272,50 @@ impl Shared {
             (SyncState::Connecting, _, _) => SyncState::Connecting,
             _ => SyncState::Stale,
         };
-        drop((kinds, status));
-        self.wake.notify_one();
     }
 
-    fn listed(&self) -> bool {
-        self.kinds.lock().expect("kinds").iter().all(|k| k.listed)
+    /// Whether the stores make a state worth converting: every kind listed once, none in the
+    /// middle of a relist (its store is about to change wholesale).
+    fn ready(&self) -> bool {
+        let kinds = self.kinds.lock().expect("kinds");
+        kinds.iter().all(|k| k.listed && !k.relisting)
     }
 }
 
+/// What no conversion reads and can be large: managed fields, and the copy of the whole object
+/// `kubectl apply` keeps in an annotation.
+pub(crate) fn trim<K: Resource>(object: &mut K) {
+    object.managed_fields_mut().clear();
+    object
+        .annotations_mut()
+        .remove("kubectl.kubernetes.io/last-applied-configuration");
+}
+
+/// Pods are the bulk of a cluster: keep only what identities and selectors read.
+pub(crate) fn trim_pod(pod: &mut Pod) {
+    trim(pod);
+    pod.spec = pod.spec.as_ref().map(|s| k8s_openapi::api::core::v1::PodSpec {
+        host_network: s.host_network,
+        ..Default::default()
+    });
+    pod.status = pod
+        .status
+        .as_ref()
+        .map(|s| k8s_openapi::api::core::v1::PodStatus {
+            phase: s.phase.clone(),
+            pod_ips: s.pod_ips.clone(),
+            ..Default::default()
+        });
+}
+
 /// Runs one reflector until the runtime stops; returns its store.
-fn reflect<K>(api: Api<K>, dyntype: K::DynamicType, kind: usize, shared: Arc<Shared>) -> Store<K>
+fn reflect<K>(
+    api: Api<K>,
+    dyntype: K::DynamicType,
+    kind: usize,
+    shared: Arc<Shared>,
+    trim: fn(&mut K),
+) -> Store<K>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + Hash + Clone + Send + Sync,
@@ -221,18 +329,13 @@ where
         .without_max_times();
     // Bookmarks are on by default: a reconnect resumes from a recent version, not a relist.
     let stream = watcher::watcher(api, watcher::Config::default())
-        .modify(|o: &mut K| o.managed_fields_mut().clear())
+        .modify(trim)
         .backoff(ExponentialBackoff::from(backoff));
     let stream = reflector::reflector(writer, stream);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
-            shared.observe(
-                kind,
-                event
-                    .map(|e| matches!(e, watcher::Event::InitDone))
-                    .map_err(|e| e.to_string()),
-            );
+            shared.observe(kind, Observed::of(&event));
         }
     });
     store
@@ -277,21 +380,23 @@ pub fn spawn<H: Host + Send + Sync + 'static>(
     });
     let egress_resource = crd::api_resource();
     let stores = Stores {
-        services: reflect(Api::all(client.clone()), (), 0, shared.clone()),
-        endpoint_slices: reflect(Api::all(client.clone()), (), 1, shared.clone()),
-        nodes: reflect(Api::all(client.clone()), (), 2, shared.clone()),
-        pods: reflect(Api::all(client.clone()), (), 3, shared.clone()),
-        namespaces: reflect(Api::all(client.clone()), (), 4, shared.clone()),
+        services: reflect(Api::all(client.clone()), (), 0, shared.clone(), trim),
+        endpoint_slices: reflect(Api::all(client.clone()), (), 1, shared.clone(), trim),
+        nodes: reflect(Api::all(client.clone()), (), 2, shared.clone(), trim),
+        pods: reflect(Api::all(client.clone()), (), 3, shared.clone(), trim_pod),
+        namespaces: reflect(Api::all(client.clone()), (), 4, shared.clone(), trim),
         egress_policies: reflect(
             Api::all_with(client.clone(), &egress_resource),
             egress_resource.clone(),
             5,
             shared.clone(),
+            trim,
         ),
     };
     let policies: Api<DynamicObject> = Api::all_with(client.clone(), &egress_resource);
+    tokio::spawn(probe(client.clone(), shared.clone()));
     tokio::spawn(async move {
-        let mut last: Option<ClusterState> = None;
+        let mut last: Option<Arc<ClusterState>> = None;
         let mut conditions = PolicyConditions::default();
         let mut addresses = IpamWrites::default();
         loop {
@@ -303,7 +408,7 @@ pub fn spawn<H: Host + Send + Sync + 'static>(
                     break;
                 }
             }
-            if !shared.listed() {
+            if !shared.ready() {
                 continue;
             }
             let objects = stores.snapshot();
@@ -319,7 +424,7 @@ pub fn spawn<H: Host + Send + Sync + 'static>(
             addresses.write(&client, &allocations).await;
             state.problems.extend(ipam_problems);
             state.problems.sort();
-            if last.as_ref() == Some(&state) {
+            if last.as_deref() == Some(&state) {
                 continue;
             }
             let old_problems = last.as_ref().map(|s| s.problems.as_slice()).unwrap_or_default();
@@ -335,6 +440,7 @@ pub fn spawn<H: Host + Send + Sync + 'static>(
             }
             conditions.write(&policies, &state.egress_verdicts).await;
             debug!(cluster = %cluster.name, services = state.desired.services.len(), "cluster state changed");
+            let state = Arc::new(state);
             last = Some(state.clone());
             shared.status.lock().expect("status").updates += 1;
             if updates
@@ -350,6 +456,17 @@ pub fn spawn<H: Host + Send + Sync + 'static>(
         }
     });
     status
+}
+
+/// While a watch fails, asks the API server for its version every second: an answer ends the
+/// stale state (see [`Shared::reachable`]).
+async fn probe(client: Client, shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if shared.failing() && client.apiserver_version().await.is_ok() {
+            shared.reachable();
+        }
+    }
 }
 
 /// LB-IPAM's status writes: each allocation written once (the Service's watch event then
