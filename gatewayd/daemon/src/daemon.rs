@@ -188,7 +188,11 @@ impl Daemon {
         // A new encryption mode is started here, before anything else changes.
         let encryption = self
             .encryption
-            .prepare(&config.settings.encryption, &desired.peers)
+            .prepare(
+                &config.settings.encryption,
+                &desired.peers,
+                desired.ipsec_keys.as_ref(),
+            )
             .await
             .context("node encryption")?;
         let result = self.apply(config, desired);

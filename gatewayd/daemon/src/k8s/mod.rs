@@ -8,6 +8,7 @@ pub mod convert;
 pub mod crd;
 pub mod identity;
 pub mod ipam;
+pub mod secret;
 pub mod selector;
 pub mod sync;
 
@@ -80,6 +81,10 @@ pub fn merge(base: &DesiredState, clusters: &BTreeMap<u32, ClusterState>) -> (De
             } else {
                 merged.identities.insert(*ip, id.clone());
             }
+        }
+        // Only the cluster named by encryption.ipsec.key_secret follows a key Secret.
+        if merged.ipsec_keys.is_none() {
+            merged.ipsec_keys.clone_from(&d.ipsec_keys);
         }
     }
     (merged, conflicts)

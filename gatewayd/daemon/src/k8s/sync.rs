@@ -13,7 +13,8 @@
 use super::convert::{self, ClusterObjects, ClusterState, Context};
 use super::crd;
 use super::ipam::{self, ServiceName};
-use crate::config::{Cluster, ClusterAccess, Host, Settings, SystemHost};
+use super::secret::KeySecret;
+use crate::config::{Cluster, ClusterAccess, Host, SecretRef, Settings, SystemHost};
 use anyhow::{Context as _, Result};
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
@@ -97,10 +98,14 @@ pub async fn start_all(settings: &Settings, updates: mpsc::Sender<ClusterUpdate>
         match client(cluster).await {
             Ok(client) => {
                 info!(cluster = %cluster.name, id = cluster.id, "following the cluster");
+                let key_secret = (settings.encryption.ipsec.key_secret.as_ref())
+                    .filter(|s| s.cluster == cluster.name)
+                    .cloned();
                 statuses.push(spawn(
                     cluster.clone(),
                     client,
                     settings.egress.interface.clone(),
+                    key_secret,
                     SystemHost,
                     updates.clone(),
                 ));
@@ -261,11 +266,13 @@ impl Stores {
 }
 
 /// Starts following `cluster` with `client`; states go to `updates`. `egress_interface` is
-/// `[egress] interface`, for policies naming none.
+/// `[egress] interface`, for policies naming none; `key_secret` the IPsec key Secret, when it
+/// is in this cluster.
 pub fn spawn<H: Host + Send + Sync + 'static>(
     cluster: Cluster,
     client: Client,
     egress_interface: Option<String>,
+    key_secret: Option<SecretRef>,
     host: H,
     updates: mpsc::Sender<ClusterUpdate>,
 ) -> SharedStatus {
@@ -290,6 +297,10 @@ pub fn spawn<H: Host + Send + Sync + 'static>(
         ),
     };
     let policies: Api<DynamicObject> = Api::all_with(client.clone(), &egress_resource);
+    let mut key_secret = key_secret.map(|secret| {
+        let shared = shared.clone();
+        KeySecret::follow(client.clone(), secret, move || shared.wake.notify_one())
+    });
     tokio::spawn(async move {
         let mut last: Option<ClusterState> = None;
         let mut conditions = PolicyConditions::default();
@@ -319,6 +330,9 @@ pub fn spawn<H: Host + Send + Sync + 'static>(
             addresses.write(&client, &allocations).await;
             state.problems.extend(ipam_problems);
             state.problems.sort();
+            if let Some(secret) = &mut key_secret {
+                state.desired.ipsec_keys = secret.keys();
+            }
             if last.as_ref() == Some(&state) {
                 continue;
             }
