@@ -372,6 +372,11 @@ impl Daemon {
         let (old, new) = (&self.config.settings, &new.settings);
         for (key, changed) in [
             ("clusters", old.clusters != new.clusters),
+            // Which cluster follows which Secret is set when the clusters start.
+            (
+                "encryption.ipsec.key_secret",
+                old.encryption.ipsec.key_secret != new.encryption.ipsec.key_secret,
+            ),
             ("daemon.bpffs", old.bpffs != new.bpffs),
             ("daemon.control_socket", old.control_socket != new.control_socket),
             (

@@ -83,7 +83,6 @@ impl Encryption {
                         old.ipsec.local_address != settings.ipsec.local_address,
                     ),
                     ("key_file", old.ipsec.key_file != settings.ipsec.key_file),
-                    ("key_secret", old.ipsec.key_secret != settings.ipsec.key_secret),
                 ] {
                     if changed {
                         warn!("encryption.ipsec.{key} changed: takes effect at the next restart");

@@ -98,7 +98,11 @@ pub async fn start_all(settings: &Settings, updates: mpsc::Sender<ClusterUpdate>
         match client(cluster).await {
             Ok(client) => {
                 info!(cluster = %cluster.name, id = cluster.id, "following the cluster");
-                let key_secret = (settings.encryption.ipsec.key_secret.as_ref())
+                let key_secret = settings
+                    .encryption
+                    .ipsec
+                    .key_secret
+                    .as_ref()
                     .filter(|s| s.cluster == cluster.name)
                     .cloned();
                 statuses.push(spawn(
