@@ -286,6 +286,10 @@ pub fn spawn<H: Host + Send + Sync + 'static>(
         status: status.clone(),
         wake: Notify::new(),
     });
+    let mut key_secret = key_secret.map(|secret| {
+        let shared = shared.clone();
+        KeySecret::follow(client.clone(), secret, move || shared.wake.notify_one())
+    });
     let egress_resource = crd::api_resource();
     let stores = Stores {
         services: reflect(Api::all(client.clone()), (), 0, shared.clone()),
@@ -301,10 +305,6 @@ pub fn spawn<H: Host + Send + Sync + 'static>(
         ),
     };
     let policies: Api<DynamicObject> = Api::all_with(client.clone(), &egress_resource);
-    let mut key_secret = key_secret.map(|secret| {
-        let shared = shared.clone();
-        KeySecret::follow(client.clone(), secret, move || shared.wake.notify_one())
-    });
     tokio::spawn(async move {
         let mut last: Option<ClusterState> = None;
         let mut conditions = PolicyConditions::default();
@@ -330,13 +330,13 @@ pub fn spawn<H: Host + Send + Sync + 'static>(
                 },
                 &objects,
             );
+            if let Some(secret) = &mut key_secret {
+                state.desired.ipsec_keys = secret.keys();
+            }
             let (allocations, ipam_problems) = ipam::allocate(&cluster, &objects.services);
             addresses.write(&client, &allocations).await;
             state.problems.extend(ipam_problems);
             state.problems.sort();
-            if let Some(secret) = &mut key_secret {
-                state.desired.ipsec_keys = secret.keys();
-            }
             if last.as_ref() == Some(&state) {
                 continue;
             }
