@@ -12,8 +12,9 @@
 //! - `PATCH` (merge patch) and `PUT` of the `status` subresource.
 //!
 //! Objects are plain JSON: the server knows a resource by its group and plural only, so any
-//! kind in [`KINDS`] (and any new one added there) is served the same way. Label and field
-//! selectors are not implemented: gatewayd watches whole collections.
+//! kind in [`KINDS`] (and any new one added there) is served the same way. Field selectors on
+//! `metadata.name` and `metadata.namespace` are served (gatewayd watches its IPsec key Secret
+//! by name, see [`FieldSelector`]); label selectors are not: gatewayd watches whole collections.
 //!
 //! The server runs on its own runtime and thread: [`ApiServer::stop`] kills every connection at
 //! once (like a crashed API server), [`ApiServer::start`] serves the same store again on a given
@@ -41,6 +42,7 @@ pub const KINDS: &[(&str, &str, bool)] = &[
     ("Namespace", "namespaces", false),
     ("Node", "nodes", false),
     ("EgressGatewayPolicy", "egressgatewaypolicies", false),
+    ("Secret", "secrets", true),
 ];
 
 /// How often an idle watch gets a bookmark.
@@ -302,6 +304,38 @@ struct Params {
     limit: Option<usize>,
     #[serde(rename = "continue")]
     continue_token: Option<String>,
+    field_selector: Option<String>,
+}
+
+/// `metadata.name=x,metadata.namespace=y` (`=` or `==`): the fields every kind supports on a
+/// real API server. Other fields are refused with 400, as the real server does for a field it
+/// does not index.
+#[derive(Default)]
+struct FieldSelector(Vec<(&'static str, String)>);
+
+impl FieldSelector {
+    fn parse(selector: Option<&str>) -> Result<Self, String> {
+        let mut terms = Vec::new();
+        for term in selector.unwrap_or("").split(',').filter(|t| !t.is_empty()) {
+            let (field, value) = term
+                .split_once("==")
+                .or_else(|| term.split_once('='))
+                .ok_or_else(|| format!("invalid field selector term {term:?}"))?;
+            let field = match field {
+                "metadata.name" => "name",
+                "metadata.namespace" => "namespace",
+                other => return Err(format!("field label not supported: {other}")),
+            };
+            terms.push((field, value.to_owned()));
+        }
+        Ok(FieldSelector(terms))
+    }
+
+    fn matches(&self, object: &Value) -> bool {
+        self.0
+            .iter()
+            .all(|(field, value)| object["metadata"][field].as_str().unwrap_or("") == value)
+    }
 }
 
 /// What a request path names.
@@ -494,10 +528,14 @@ fn list(shared: &Shared, target: &Target, params: &Params) -> Response {
         ),
         None => (store.resource_version, 0),
     };
+    let fields = match FieldSelector::parse(params.field_selector.as_deref()) {
+        Ok(f) => f,
+        Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", e),
+    };
     let matching: Vec<&Value> = collection
         .objects
         .iter()
-        .filter(|((ns, _), _)| in_scope(ns))
+        .filter(|((ns, _), o)| in_scope(ns) && fields.matches(o))
         .map(|(_, o)| o)
         .collect();
     let limit = params.limit.filter(|l| *l > 0).unwrap_or(usize::MAX);
@@ -537,10 +575,16 @@ fn watch_collection(shared: Arc<Shared>, target: Target, params: Params) -> Resp
             }
         },
     };
+    let fields = match FieldSelector::parse(params.field_selector.as_deref()) {
+        Ok(f) => f,
+        Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", e),
+    };
     let timeout = Duration::from_secs(params.timeout_seconds.unwrap_or(1800));
     let bookmarks = params.allow_watch_bookmarks.unwrap_or(false);
     let (lines, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(64);
-    tokio::spawn(stream_events(shared, target, from, timeout, bookmarks, lines));
+    tokio::spawn(stream_events(
+        shared, target, fields, from, timeout, bookmarks, lines,
+    ));
     let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     }));
@@ -560,6 +604,7 @@ fn line(value: Value) -> Result<Bytes, std::io::Error> {
 async fn stream_events(
     shared: Arc<Shared>,
     target: Target,
+    fields: FieldSelector,
     mut sent: u64,
     timeout: Duration,
     bookmarks: bool,
@@ -592,10 +637,11 @@ async fn stream_events(
         let (events, current, kind) = {
             let store = shared.store.lock().expect("store");
             let in_scope = |o: &Value| {
-                target
-                    .namespace
-                    .as_deref()
-                    .is_none_or(|ns| o["metadata"]["namespace"].as_str() == Some(ns))
+                fields.matches(o)
+                    && target
+                        .namespace
+                        .as_deref()
+                        .is_none_or(|ns| o["metadata"]["namespace"].as_str() == Some(ns))
             };
             let events: Vec<WatchEvent> = store
                 .collections

@@ -1,11 +1,14 @@
 //! Node encryption end to end: the real gatewayd running its boringtun WireGuard device in one
 //! namespace, Debian's wireguard-go peers (configured with wg) in others. Traffic must pass the
 //! tunnel and be encrypted on the wire; peers follow the config on reload without disturbing
-//! each other. And IPsec on a kernel without ESP must fail clearly with nothing installed.
+//! each other. And IPsec on a kernel without ESP must fail clearly with nothing installed, with
+//! its keys from a file or from a Kubernetes Secret.
 //!
 //! Needs: wireguard-go, wireguard-tools, tcpdump, iputils-ping, iproute2.
 
 use anyhow::{anyhow, ensure, Context, Result};
+use base64::Engine;
+use gatewayd_integration::apiserver::ApiServer;
 use gatewayd_integration::*;
 use serde_json::Value;
 use std::io::{Read, Write};
@@ -351,6 +354,33 @@ fn ipsec_without_kernel_esp_fails_clearly_and_installs_nothing() -> Result<()> {
     if !require_root("ipsec_without_kernel_esp_fails_clearly_and_installs_nothing") {
         return Ok(());
     }
+    ipsec_mode(KeySource::File)
+}
+
+/// The same with the keys in a Kubernetes Secret (served by the test API server): the kernel
+/// check comes first, whatever the key source.
+#[test]
+fn ipsec_with_keys_from_a_secret_without_kernel_esp_fails_clearly_and_installs_nothing() -> Result<()> {
+    if !require_root("ipsec_with_keys_from_a_secret_without_kernel_esp_fails_clearly_and_installs_nothing") {
+        return Ok(());
+    }
+    ipsec_mode(KeySource::Secret)
+}
+
+enum KeySource {
+    File,
+    Secret,
+}
+
+fn key_secret(keys: &str) -> Value {
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": "gatewayd-ipsec", "namespace": "gatewayd"},
+        "data": {"keys": base64::engine::general_purpose::STANDARD.encode(keys)},
+    })
+}
+
+fn ipsec_mode(source: KeySource) -> Result<()> {
     let gw = Netns::new("gdei")?;
     let node = Netns::new("gdein")?;
     veth(
@@ -362,23 +392,39 @@ fn ipsec_without_kernel_esp_fails_clearly_and_installs_nothing() -> Result<()> {
         &["10.73.0.2/24"],
     )?;
     let scratch = Scratch::new()?;
-    let keys = scratch.write("ipsec.keys", "1 00112233445566778899aabbccddeeff00112233\n")?;
+    let key_text = "1 00112233445566778899aabbccddeeff00112233\n";
+    let mut api = ApiServer::new();
+    let key_config = match source {
+        KeySource::File => {
+            let keys = scratch.write("ipsec.keys", key_text)?;
+            format!("key_file = {:?}", keys.display().to_string())
+        }
+        KeySource::Secret => {
+            api.start(gw.run_in(|| Ok(TcpListener::bind("127.0.0.1:0")?))?)?;
+            api.apply(key_secret(key_text))?;
+            let kubeconfig = scratch.write("kubeconfig", &api.kubeconfig()?)?;
+            format!(
+                "key_secret = \"keys/gatewayd/gatewayd-ipsec\"\n\n\
+                 [[clusters]]\nid = 1\nname = \"keys\"\nkubeconfig = {:?}",
+                kubeconfig.display().to_string()
+            )
+        }
+    };
     let config = format!(
         r#"{daemon}
-[encryption]
-mode = "ipsec"
-
-[encryption.ipsec]
-key_file = "{keys}"
-local_address = "10.73.0.1"
-
 [[peers]]
 name = "node"
 endpoint = "10.73.0.2:0"
 allowed_ips = ["10.83.0.0/24"]
+
+[encryption]
+mode = "ipsec"
+
+[encryption.ipsec]
+local_address = "10.73.0.1"
+{key_config}
 "#,
         daemon = scratch.daemon_table(),
-        keys = keys.display()
     );
     let path = scratch.write("gatewayd.toml", &config)?;
     let mut daemon = Daemon::spawn(&gw, &scratch, &path)?;
@@ -396,9 +442,13 @@ allowed_ips = ["10.83.0.0/24"]
             assert_eq!(xfrm("policy")?, "", "no XFRM policy left");
         }
         Ok(_) => {
-            // A kernel with ESP: two states (one per direction) and out/in/fwd policies.
-            let states = xfrm("state")?;
-            assert_eq!(states.matches("proto esp spi 0x00000001").count(), 2, "{states}");
+            // A kernel with ESP: two states (one per direction) and out/in/fwd policies; keys
+            // from a Secret arrive once the cluster is read.
+            let states = wait_for("the key's states", READY_TIMEOUT, || {
+                let states = xfrm("state")?;
+                Ok((states.matches("proto esp spi 0x00000001").count() == 2).then_some(states))
+            })?;
+            assert_eq!(states.matches("proto esp").count(), 2, "{states}");
             let policies = xfrm("policy")?;
             for dir in ["dir out", "dir in", "dir fwd"] {
                 assert!(policies.contains(dir), "{policies}");
@@ -411,6 +461,18 @@ allowed_ips = ["10.83.0.0/24"]
                 ),
                 (Some(2), Some(3))
             );
+            if let KeySource::Secret = source {
+                // A rotation is an edit of the Secret: key 2's states join key 1's.
+                api.apply(key_secret(&format!(
+                    "{key_text}2 ffeeddccbbaa99887766554433221100ffeeddcc\n"
+                )))?;
+                wait_for("the new key's states", READY_TIMEOUT, || {
+                    let states = xfrm("state")?;
+                    Ok((states.matches("proto esp spi 0x00000002").count() == 2).then_some(()))
+                })?;
+                let status = gatewayctl(&scratch, &["encryption", "status"])?;
+                assert_eq!(status["ipsec"]["current_key_id"].as_u64(), Some(2));
+            }
             daemon.signal(libc::SIGTERM)?;
             daemon.wait()?;
             let teardown = gw

@@ -187,7 +187,7 @@ async fn measure(services: usize) -> Result<()> {
     let started = Instant::now();
     let client = sync::client(&cluster).await?;
     let (tx, mut updates) = tokio::sync::mpsc::channel(4);
-    sync::spawn(cluster, client, None, AnyInterface, tx);
+    sync::spawn(cluster, client, None, None, AnyInterface, tx);
     let state = next_state(&mut updates).await?;
     let synced = started.elapsed();
     let rss_synced = peak_rss_mb();

@@ -195,7 +195,11 @@ impl Daemon {
         // A new encryption mode is started here, before anything else changes.
         let encryption = self
             .encryption
-            .prepare(&config.settings.encryption, &desired.peers)
+            .prepare(
+                &config.settings.encryption,
+                &desired.peers,
+                desired.ipsec_keys.as_ref(),
+            )
             .await
             .context("node encryption")?;
         let result = self.apply(config, desired);
@@ -428,6 +432,11 @@ impl Daemon {
         let (old, new) = (&self.config.settings, &new.settings);
         for (key, changed) in [
             ("clusters", old.clusters != new.clusters),
+            // Which cluster follows which Secret is set when the clusters start.
+            (
+                "encryption.ipsec.key_secret",
+                old.encryption.ipsec.key_secret != new.encryption.ipsec.key_secret,
+            ),
             ("daemon.bpffs", old.bpffs != new.bpffs),
             ("daemon.control_socket", old.control_socket != new.control_socket),
             (

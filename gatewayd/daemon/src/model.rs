@@ -130,6 +130,23 @@ pub struct Identity {
     pub pod: String,
 }
 
+/// IPsec pre-shared keys in the key file format (`<key id> <hex key>` lines, the last one
+/// current; see encryption::ipsec), and where they came from, for messages. Debug leaves the
+/// keys out: states are logged at debug level.
+#[derive(Clone, PartialEq, Eq)]
+pub struct IpsecKeys {
+    pub origin: String,
+    pub text: String,
+}
+
+impl fmt::Debug for IpsecKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IpsecKeys")
+            .field("origin", &self.origin)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Everything the reconciler programs, from every source merged.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DesiredState {
@@ -138,4 +155,7 @@ pub struct DesiredState {
     pub peers: Vec<Peer>,
     /// Pod address -> identity, from the Kubernetes clusters.
     pub identities: BTreeMap<IpAddr, Identity>,
+    /// IPsec keys from a cluster's Secret (`encryption.ipsec.key_secret`); `None` where there
+    /// are none, or none valid. (A `key_file` is read by the encryption at each reload.)
+    pub ipsec_keys: Option<IpsecKeys>,
 }

@@ -2,11 +2,13 @@
 //! kube client from a kubeconfig, reflectors, debouncing, staleness when the server dies, and a
 //! clean relist after it comes back with a compacted history (410 Gone).
 
-use gatewayd::config::{Cluster, ClusterAccess, Host, DEFAULT_LOAD_BALANCER_CLASS};
+use gatewayd::config::{Cluster, ClusterAccess, Host, SecretRef, DEFAULT_LOAD_BALANCER_CLASS};
+use gatewayd::encryption::ipsec::{parse_key_file, plan_keys, InstalledKey};
 use gatewayd::k8s::convert::ClusterState;
 use gatewayd::k8s::sync::{self, ClusterUpdate, SharedStatus, SyncState};
 use gatewayd_integration::apiserver::ApiServer;
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
@@ -116,7 +118,7 @@ async fn follows_a_cluster_through_outage_and_compaction() {
     };
     let client = sync::client(&cluster).await.unwrap();
     let (tx, mut updates) = mpsc::channel(16);
-    let status = sync::spawn(cluster, client, Some("eth0".into()), AnyInterface, tx);
+    let status = sync::spawn(cluster, client, Some("eth0".into()), None, AnyInterface, tx);
 
     let state = next_update(&mut updates).await;
     assert_eq!(
@@ -212,5 +214,100 @@ async fn follows_a_cluster_through_outage_and_compaction() {
         )]
     );
     wait_state(&status, SyncState::Synced).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn key_secret(keys: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": "gatewayd-ipsec", "namespace": "gatewayd"},
+        "data": {"keys": k8s_openapi::ByteString(keys.as_bytes().to_vec())},
+    })
+}
+
+const PSK1: &str = "00112233445566778899aabbccddeeff";
+const PSK2: &str = "ffeeddccbbaa99887766554433221100";
+
+/// The next state whose IPsec keys differ from `keys`; its other changes come along.
+async fn next_keys(updates: &mut mpsc::Receiver<ClusterUpdate>, keys: Option<&str>) -> ClusterState {
+    loop {
+        let state = next_update(updates).await;
+        if state.desired.ipsec_keys.as_ref().map(|k| k.text.as_str()) != keys {
+            return state;
+        }
+    }
+}
+
+#[tokio::test]
+async fn ipsec_keys_follow_their_secret_and_rotate() {
+    let mut server = ApiServer::new();
+    server.start(loopback()).unwrap();
+    let dir = std::env::temp_dir().join(format!("gd-k8s-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, server.kubeconfig().unwrap()).unwrap();
+    let first = format!("1 {PSK1}\n");
+    server.apply(key_secret(&first)).unwrap();
+    // Another Secret in the namespace: the field selector keeps it out.
+    let mut other = key_secret(&format!("9 {PSK2}\n"));
+    other["metadata"]["name"] = json!("not-the-keys");
+    server.apply(other).unwrap();
+
+    let cluster = Cluster {
+        id: 4,
+        name: "keys".into(),
+        access: ClusterAccess::Kubeconfig {
+            path: kubeconfig,
+            context: None,
+        },
+        load_balancer_class: DEFAULT_LOAD_BALANCER_CLASS.into(),
+        identity_ignore_labels: vec![],
+        wireguard_port: 51820,
+        address_pools: vec![],
+    };
+    let secret = SecretRef {
+        cluster: "keys".into(),
+        namespace: "gatewayd".into(),
+        name: "gatewayd-ipsec".into(),
+    };
+    let client = sync::client(&cluster).await.unwrap();
+    let (tx, mut updates) = mpsc::channel(16);
+    sync::spawn(cluster, client, None, Some(secret), AnyInterface, tx);
+
+    // What the encryption planner does with the keys of each state (encryption::ipsec).
+    let plan = |state: &ClusterState, installed: &BTreeMap<u8, InstalledKey>| {
+        let keys = state.desired.ipsec_keys.as_ref().expect("keys from the Secret");
+        assert_eq!(keys.origin, "secret keys/gatewayd/gatewayd-ipsec");
+        plan_keys(installed, &parse_key_file(&keys.text).unwrap(), 1000, 60).unwrap()
+    };
+    let state = next_keys(&mut updates, None).await;
+    let one = plan(&state, &BTreeMap::new());
+    assert_eq!((one.current, one.install.clone()), (1, vec![1]));
+
+    // The Secret rotates: key 2 is current, key 1 stays for the overlap.
+    let second = format!("{first}2 {PSK2}\n");
+    server.apply(key_secret(&second)).unwrap();
+    let state = next_keys(&mut updates, Some(&first)).await;
+    let two = plan(&state, &one.keys);
+    assert_eq!((two.current, two.install.clone()), (2, vec![2]));
+    assert_eq!(two.keys[&1].retire_at, Some(1060));
+
+    // A bad edit, then the Secret's deletion: no keys in the state (the encryption keeps the
+    // keys in force), and the rest of the cluster's state still flows.
+    server.apply(key_secret("2 0011\n")).unwrap();
+    server.apply(service("web", "10.100.0.1")).unwrap();
+    let state = next_keys(&mut updates, Some(&second)).await;
+    assert!(state.desired.ipsec_keys.is_none());
+    let mut state = state;
+    while state.desired.services.is_empty() {
+        state = next_update(&mut updates).await;
+    }
+    assert!(state.desired.ipsec_keys.is_none());
+    server
+        .delete("v1", "Secret", Some("gatewayd"), "gatewayd-ipsec")
+        .unwrap();
+    server.apply(key_secret(&second)).unwrap();
+    let state = next_keys(&mut updates, None).await;
+    assert_eq!(plan(&state, &two.keys).current, 2);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -97,12 +97,31 @@ pub enum WireGuardImplementation {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IpsecSettings {
     /// Lines `<key id 1..255> <hex pre-shared key>`; the last line is the current key.
-    /// Required (with `local_address`) when the mode is ipsec.
+    /// In ipsec mode exactly one of `key_file` and `key_secret` is set.
     pub key_file: Option<PathBuf>,
+    /// The same text in the data key [`KEY_SECRET_DATA_KEY`] of a Secret of a followed cluster.
+    pub key_secret: Option<SecretRef>,
     /// This gateway's underlay address: the local tunnel endpoint.
     pub local_address: Option<std::net::IpAddr>,
     /// Seconds the previous key's states stay installed after a rotation.
     pub rotation_overlap: u32,
+}
+
+/// The data key of `encryption.ipsec.key_secret` that holds the keys.
+pub const KEY_SECRET_DATA_KEY: &str = "keys";
+
+/// A Secret of a followed cluster, written `<cluster name>/<namespace>/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretRef {
+    pub cluster: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for SecretRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}/{}", self.cluster, self.namespace, self.name)
+    }
 }
 
 /// NAT behaviour shared by every egress policy.
@@ -708,7 +727,7 @@ rotation_overlap = 0
         let shown: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
         assert_eq!(errs.len(), 3, "{shown:#?}");
         assert!(
-            shown[0].contains("encryption.ipsec.key_file: required"),
+            shown[0].contains("encryption.ipsec.key_file: required") && shown[0].contains("or key_secret"),
             "{shown:#?}"
         );
         assert!(shown[1].contains("encryption.ipsec.local_address: required"));
@@ -732,6 +751,83 @@ allowed_ips = ["10.244.0.0/24"]
         .unwrap();
         assert_eq!(config.settings.encryption.mode, EncryptionMode::Ipsec);
         assert_eq!(config.desired.peers[0].public_key, "");
+    }
+
+    #[test]
+    fn ipsec_keys_can_come_from_a_secret_of_a_followed_cluster() {
+        let config = parse(
+            r#"
+[encryption]
+mode = "ipsec"
+[encryption.ipsec]
+key_secret = "prod/gatewayd/gatewayd-ipsec"
+local_address = "192.0.2.1"
+
+[[clusters]]
+id = 1
+name = "prod"
+kubeconfig = "/etc/gatewayd/prod.kubeconfig"
+"#,
+            &HOST,
+        )
+        .unwrap();
+        let ipsec = &config.settings.encryption.ipsec;
+        assert_eq!(ipsec.key_file, None);
+        assert_eq!(
+            ipsec.key_secret,
+            Some(SecretRef {
+                cluster: "prod".into(),
+                namespace: "gatewayd".into(),
+                name: "gatewayd-ipsec".into(),
+            })
+        );
+        assert_eq!(
+            ipsec.key_secret.as_ref().unwrap().to_string(),
+            "prod/gatewayd/gatewayd-ipsec"
+        );
+
+        let with = |secret: &str, file: bool| {
+            let file = if file {
+                "key_file = \"/etc/gatewayd/ipsec.keys\"\n"
+            } else {
+                ""
+            };
+            format!(
+                "[encryption]\nmode = \"ipsec\"\n[encryption.ipsec]\n{file}key_secret = \"{secret}\"\n\
+                 local_address = \"192.0.2.1\"\n\n[[clusters]]\nid = 1\nname = \"prod\"\n\
+                 kubeconfig = \"/etc/gatewayd/prod.kubeconfig\"\n"
+            )
+        };
+        for (text, wanted) in [
+            (
+                with("prod/gatewayd/gatewayd-ipsec", true),
+                "set either key_file or key_secret, not both",
+            ),
+            (
+                with("staging/gatewayd/gatewayd-ipsec", false),
+                "no [[clusters]] entry is named \"staging\"",
+            ),
+            (
+                with("gatewayd/gatewayd-ipsec", false),
+                "must be \"<cluster name>/<namespace>/<secret name>\"",
+            ),
+            (
+                with("prod/gatewayd/", false),
+                "not a valid namespace and Secret name",
+            ),
+            (
+                with("prod/Gatewayd/keys", false),
+                "not a valid namespace and Secret name",
+            ),
+        ] {
+            let errs = errors(&text);
+            let shown: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+            assert_eq!(errs.len(), 1, "{shown:#?}");
+            assert_eq!(errs[0].path, "encryption.ipsec.key_secret");
+            let line = text.lines().position(|l| l.starts_with("key_secret")).unwrap() + 1;
+            assert_eq!(errs[0].line, Some(line), "{shown:#?}");
+            assert!(shown[0].contains(wanted), "{shown:#?}");
+        }
     }
 
     #[test]

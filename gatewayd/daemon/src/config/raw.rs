@@ -173,6 +173,7 @@ pub struct RawWireGuard {
 #[serde(deny_unknown_fields)]
 pub struct RawIpsec {
     pub key_file: Option<String>,
+    pub key_secret: Option<String>,
     pub local_address: Option<String>,
     pub rotation_overlap: Option<u32>,
 }

@@ -188,7 +188,7 @@ fn settings(c: &mut Checker, raw: &RawConfig, host: &dyn Host) -> Settings {
 
     let path = |v: &Option<String>, default: &str| PathBuf::from(v.as_deref().unwrap_or(default));
     let state_dir = path(&raw.daemon.state_dir, DEFAULT_STATE_DIR);
-    let encryption = encryption_settings(c, &raw.encryption, &state_dir);
+    let encryption = encryption_settings(c, &raw.encryption, &state_dir, &clusters);
     let settings = Settings {
         bpffs: path(&raw.daemon.bpffs, DEFAULT_BPFFS),
         control_socket: path(
@@ -565,7 +565,12 @@ fn egress_policies(
         .collect()
 }
 
-fn encryption_settings(c: &mut Checker, raw: &RawEncryption, state_dir: &Path) -> EncryptionSettings {
+fn encryption_settings(
+    c: &mut Checker,
+    raw: &RawEncryption,
+    state_dir: &Path,
+    clusters: &[Cluster],
+) -> EncryptionSettings {
     let mode = c.one_of(
         "encryption.mode".into(),
         raw.mode.as_deref(),
@@ -642,16 +647,24 @@ fn encryption_settings(c: &mut Checker, raw: &RawEncryption, state_dir: &Path) -
             "must be an absolute path",
         );
     }
+    let key_secret = i.key_secret.as_deref().and_then(|s| key_secret(c, s, clusters));
+    if key_file.is_some() && i.key_secret.is_some() {
+        c.error(
+            "encryption.ipsec.key_secret".into(),
+            i.key_secret.as_ref().map(|s| format!("{s:?}")),
+            "set either key_file or key_secret, not both",
+        );
+    }
     let local_address = i
         .local_address
         .as_deref()
         .and_then(|a| c.parse("encryption.ipsec.local_address".into(), a, "an IP address"));
     if mode == EncryptionMode::Ipsec {
-        if key_file.is_none() {
+        if key_file.is_none() && i.key_secret.is_none() {
             c.error(
                 "encryption.ipsec.key_file".into(),
                 None,
-                "required when encryption.mode is \"ipsec\"",
+                "required when encryption.mode is \"ipsec\" (or key_secret)",
             );
         }
         if i.local_address.is_none() {
@@ -681,10 +694,53 @@ fn encryption_settings(c: &mut Checker, raw: &RawEncryption, state_dir: &Path) -
         },
         ipsec: IpsecSettings {
             key_file,
+            key_secret,
             local_address,
             rotation_overlap,
         },
     }
+}
+
+/// `<cluster name>/<namespace>/<secret name>`, the cluster one of `[[clusters]]`.
+fn key_secret(c: &mut Checker, value: &str, clusters: &[Cluster]) -> Option<SecretRef> {
+    let path = "encryption.ipsec.key_secret";
+    let parts: Vec<&str> = value.split('/').collect();
+    let [cluster, namespace, name] = parts[..] else {
+        c.error(
+            path.into(),
+            Some(format!("{value:?}")),
+            "must be \"<cluster name>/<namespace>/<secret name>\"",
+        );
+        return None;
+    };
+    // Namespaces are DNS labels, Secret names DNS subdomains: lowercase, digits, '-' ('.').
+    let dns = |s: &str, dots: bool| {
+        !s.is_empty()
+            && s.len() <= if dots { 253 } else { 63 }
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (dots && b == b'.'))
+    };
+    if !dns(namespace, false) || !dns(name, true) {
+        c.error(
+            path.into(),
+            Some(format!("{value:?}")),
+            "not a valid namespace and Secret name (lowercase letters, digits, '-')",
+        );
+        return None;
+    }
+    if !clusters.iter().any(|cl| cl.name == cluster) {
+        c.error(
+            path.into(),
+            Some(format!("{value:?}")),
+            format!("no [[clusters]] entry is named {cluster:?}"),
+        );
+        return None;
+    }
+    Some(SecretRef {
+        cluster: cluster.into(),
+        namespace: namespace.into(),
+        name: name.into(),
+    })
 }
 
 fn peers(c: &mut Checker, raw: &[RawPeer], mode: EncryptionMode) -> Vec<Peer> {

@@ -27,10 +27,10 @@ use sha2::Sha256;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::Path;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::IpsecSettings;
-use crate::model::Peer;
+use crate::model::{IpsecKeys, Peer};
 
 /// Marks gatewayd's XFRM states and policy templates ("gd" and 1).
 pub const REQID: u32 = 0x6764_0001;
@@ -570,14 +570,37 @@ impl Ipsec {
         self.xfrm.delete_state(probe).await
     }
 
-    /// What the peers and the keys need; reads the key file. Nothing is changed.
-    pub fn plan(&self, peers: &[Peer], now: u64) -> Result<IpsecPlan> {
-        let key_file_path = self
-            .settings
-            .key_file
-            .as_deref()
-            .context("encryption.ipsec.key_file is not set")?;
-        self.plan_with(read_key_file(key_file_path)?, peers, now)
+    /// What the peers and the keys need. Nothing is changed. The keys are the key file's,
+    /// read now (a bad file fails the reload), or else `secret_keys`, those of
+    /// `key_secret` as the model has them. `None`: no keys are known yet, nothing to do.
+    pub fn plan(
+        &self,
+        peers: &[Peer],
+        secret_keys: Option<&IpsecKeys>,
+        now: u64,
+    ) -> Result<Option<IpsecPlan>> {
+        if let Some(path) = &self.settings.key_file {
+            return self.plan_with(read_key_file(path)?, peers, now).map(Some);
+        }
+        // Keys from a Secret come with the cluster's other changes: bad keys (a missing Secret
+        // is logged by the sync) leave the keys in force rather than hold those changes up.
+        if let Some(keys) = secret_keys {
+            match parse_key_file(&keys.text).and_then(|file| self.plan_with(file, peers, now)) {
+                Ok(plan) => return Ok(Some(plan)),
+                Err(e) => error!("IPsec keys from {}: {e:#}; the keys in force stay", keys.origin),
+            }
+        }
+        match &self.file {
+            Some(file) => self.plan_with(file.clone(), peers, now).map(Some),
+            None => {
+                let secret = self.settings.key_secret.as_ref().map(|s| s.to_string());
+                info!(
+                    secret = secret.as_deref().unwrap_or_default(),
+                    "no IPsec keys yet: no state or policy is installed (or removed) until they arrive"
+                );
+                Ok(None)
+            }
+        }
     }
 
     fn plan_with(&self, file: KeyFile, peers: &[Peer], now: u64) -> Result<IpsecPlan> {
@@ -636,12 +659,17 @@ impl Ipsec {
                 "IPsec keys changed"
             );
         }
+        self.keep(plan);
+        Ok(())
+    }
+
+    /// After the kernel has what `plan` wanted: its keys and peers are the ones in force.
+    fn keep(&mut self, plan: IpsecPlan) {
         self.file = Some(plan.file);
         self.adopted_key_ids.clear();
         self.keys = plan.keys.keys;
         self.current = plan.keys.current;
         self.peers = plan.peers;
-        Ok(())
     }
 
     /// Removes the states of keys whose overlap ended. Called periodically; the key file in
@@ -864,6 +892,68 @@ mod tests {
             (inbound.src, inbound.tunnel_src),
             ("10.244.1.0/24".parse().unwrap(), ip("192.0.2.2"))
         );
+    }
+
+    #[tokio::test]
+    async fn keys_from_a_secret_rotate_and_a_bad_or_missing_secret_leaves_the_keys_in_force() {
+        // Planning reads no kernel state: the socket is only opened, as at start.
+        let local = ip("192.0.2.1");
+        let mut ipsec = Ipsec {
+            settings: IpsecSettings {
+                key_file: None,
+                key_secret: Some(crate::config::SecretRef {
+                    cluster: "c".into(),
+                    namespace: "gatewayd".into(),
+                    name: "gatewayd-ipsec".into(),
+                }),
+                local_address: Some(local),
+                rotation_overlap: 60,
+            },
+            local,
+            file: None,
+            keys: BTreeMap::new(),
+            current: 0,
+            states: BTreeSet::new(),
+            policies: BTreeSet::new(),
+            adopted_key_ids: BTreeSet::new(),
+            peers: Vec::new(),
+            xfrm: Xfrm::open().unwrap(),
+        };
+        let peers = [peer("a", "192.0.2.2:0", &["10.244.1.0/24"])];
+        let secret = |text: String| IpsecKeys {
+            origin: "secret c/gatewayd/gatewayd-ipsec".into(),
+            text,
+        };
+        let ids = |plan: &IpsecPlan| {
+            let ids: BTreeSet<u32> = plan.states.iter().map(|s| s.spi).collect();
+            (plan.keys.current, ids.into_iter().collect::<Vec<_>>())
+        };
+
+        // Before the Secret is seen: nothing to install, and nothing to remove either.
+        assert!(ipsec.plan(&peers, None, 0).unwrap().is_none());
+
+        let first = ipsec
+            .plan(&peers, Some(&secret(format!("1 {PSK1}\n"))), 0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(ids(&first), (1, vec![1]));
+        ipsec.keep(first);
+
+        // The Secret gains key 2: it becomes current, key 1 stays for the overlap.
+        let rotated = ipsec
+            .plan(&peers, Some(&secret(format!("1 {PSK1}\n2 {PSK2}\n"))), 10)
+            .unwrap()
+            .unwrap();
+        assert_eq!(ids(&rotated), (2, vec![1, 2]));
+        assert_eq!(rotated.keys.keys[&1].retire_at, Some(70));
+        ipsec.keep(rotated);
+
+        // A Secret that reuses an id for another key, and a missing one: the keys in force.
+        for keys in [Some(secret(format!("2 {PSK1}\n"))), None] {
+            let plan = ipsec.plan(&peers, keys.as_ref(), 20).unwrap().unwrap();
+            assert_eq!(ids(&plan), (2, vec![1, 2]));
+            assert!(plan.keys.install.is_empty() && plan.keys.remove.is_empty());
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ mod uapi;
 pub mod wireguard;
 
 use crate::config::{EncryptionMode, EncryptionSettings};
-use crate::model::Peer;
+use crate::model::{IpsecKeys, Peer};
 use anyhow::Result;
 use gatewayd_common::api;
 use rtnetlink::Handle;
@@ -64,20 +64,34 @@ impl Encryption {
 
     /// Plans `peers` under `settings`. Starts the device of a new mode (or probes the kernel
     /// for IPsec), so a mode the machine cannot run fails here, before anything else changes.
-    pub async fn prepare(&self, settings: &EncryptionSettings, peers: &[Peer]) -> Result<Prepared> {
+    /// `ipsec_keys`: the keys of `encryption.ipsec.key_secret`, as the model has them.
+    pub async fn prepare(
+        &self,
+        settings: &EncryptionSettings,
+        peers: &[Peer],
+        ipsec_keys: Option<&IpsecKeys>,
+    ) -> Result<Prepared> {
         let same_mode = self.settings.as_ref().map(|s| s.mode) == Some(settings.mode);
         if let (true, Some(old)) = (same_mode, &self.settings) {
             if old.wireguard != settings.wireguard && settings.mode == EncryptionMode::WireGuard {
                 warn!("encryption.wireguard changed: takes effect at the next restart");
             }
-            if old.ipsec.local_address != settings.ipsec.local_address
-                && settings.mode == EncryptionMode::Ipsec
-            {
-                warn!("encryption.ipsec.local_address changed: takes effect at the next restart");
+            if settings.mode == EncryptionMode::Ipsec {
+                for (key, changed) in [
+                    (
+                        "local_address",
+                        old.ipsec.local_address != settings.ipsec.local_address,
+                    ),
+                    ("key_file", old.ipsec.key_file != settings.ipsec.key_file),
+                ] {
+                    if changed {
+                        warn!("encryption.ipsec.{key} changed: takes effect at the next restart");
+                    }
+                }
             }
             return Ok(Prepared {
                 started: None,
-                plan: self.plan(&self.active, peers)?,
+                plan: self.plan(&self.active, peers, ipsec_keys)?,
             });
         }
         let started = match settings.mode {
@@ -87,18 +101,21 @@ impl Encryption {
             )),
             EncryptionMode::Ipsec => Active::Ipsec(Box::new(Ipsec::start(&settings.ipsec).await?)),
         };
-        let plan = self.plan(&started, peers)?;
+        let plan = self.plan(&started, peers, ipsec_keys)?;
         Ok(Prepared {
             started: Some(started),
             plan,
         })
     }
 
-    fn plan(&self, active: &Active, peers: &[Peer]) -> Result<Plan> {
+    fn plan(&self, active: &Active, peers: &[Peer], ipsec_keys: Option<&IpsecKeys>) -> Result<Plan> {
         Ok(match active {
             Active::None => Plan::None,
             Active::WireGuard(wg) => Plan::WireGuard(wg.plan(peers)?),
-            Active::Ipsec(ipsec) => Plan::Ipsec(ipsec.plan(peers, now())?),
+            // No keys yet: nothing changes (what a previous daemon left stays in force).
+            Active::Ipsec(ipsec) => ipsec
+                .plan(peers, ipsec_keys, now())?
+                .map_or(Plan::None, Plan::Ipsec),
         })
     }
 

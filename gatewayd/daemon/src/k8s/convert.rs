@@ -88,6 +88,8 @@ pub fn convert(cx: &Context, objects: &ClusterObjects) -> ClusterState {
             egress_policies,
             peers: peers(cx.cluster, &objects.nodes, &mut problems),
             identities,
+            // Filled by the sync from its Secret reflector (k8s::secret), when it has one.
+            ipsec_keys: None,
         },
         global_services,
         egress_verdicts,

@@ -9,6 +9,7 @@ pub mod crd;
 pub mod identity;
 pub mod ipam;
 pub mod saved;
+pub mod secret;
 pub mod selector;
 pub mod sync;
 
@@ -85,6 +86,10 @@ pub fn merge(
             } else {
                 merged.identities.insert(*ip, id.clone());
             }
+        }
+        // Only the cluster named by encryption.ipsec.key_secret follows a key Secret.
+        if merged.ipsec_keys.is_none() {
+            merged.ipsec_keys.clone_from(&d.ipsec_keys);
         }
     }
     (merged, conflicts)

@@ -62,6 +62,9 @@ pub fn load(path: &Path, cluster: &str) -> Result<Option<ClusterState>> {
             egress_policies: saved.egress_policies,
             peers: saved.peers,
             identities: saved.identities.into_iter().collect(),
+            // Key material is never written to the state dir: after a restart the installed
+            // IPsec states stay until the key Secret is read again.
+            ipsec_keys: None,
         },
         global_services: saved.global_services.into_iter().collect(),
         ..Default::default()

@@ -15,7 +15,8 @@
 use super::convert::{self, ClusterObjects, ClusterState, Context};
 use super::crd;
 use super::ipam::{self, ServiceName};
-use crate::config::{Cluster, ClusterAccess, Host, Settings, SystemHost};
+use super::secret::KeySecret;
+use crate::config::{Cluster, ClusterAccess, Host, SecretRef, Settings, SystemHost};
 use anyhow::{Context as _, Result};
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
@@ -99,10 +100,18 @@ pub async fn start_all(settings: &Settings, updates: mpsc::Sender<ClusterUpdate>
         match client(cluster).await {
             Ok(client) => {
                 info!(cluster = %cluster.name, id = cluster.id, "following the cluster");
+                let key_secret = settings
+                    .encryption
+                    .ipsec
+                    .key_secret
+                    .as_ref()
+                    .filter(|s| s.cluster == cluster.name)
+                    .cloned();
                 statuses.push(spawn(
                     cluster.clone(),
                     client,
                     settings.egress.interface.clone(),
+                    key_secret,
                     SystemHost,
                     updates.clone(),
                 ));
@@ -364,11 +373,13 @@ impl Stores {
 }
 
 /// Starts following `cluster` with `client`; states go to `updates`. `egress_interface` is
-/// `[egress] interface`, for policies naming none.
+/// `[egress] interface`, for policies naming none; `key_secret` the IPsec key Secret, when it
+/// is in this cluster.
 pub fn spawn<H: Host + Send + Sync + 'static>(
     cluster: Cluster,
     client: Client,
     egress_interface: Option<String>,
+    key_secret: Option<SecretRef>,
     host: H,
     updates: mpsc::Sender<ClusterUpdate>,
 ) -> SharedStatus {
@@ -377,6 +388,10 @@ pub fn spawn<H: Host + Send + Sync + 'static>(
         kinds: Mutex::default(),
         status: status.clone(),
         wake: Notify::new(),
+    });
+    let mut key_secret = key_secret.map(|secret| {
+        let shared = shared.clone();
+        KeySecret::follow(client.clone(), secret, move || shared.wake.notify_one())
     });
     let egress_resource = crd::api_resource();
     let stores = Stores {
@@ -420,6 +435,9 @@ pub fn spawn<H: Host + Send + Sync + 'static>(
                 },
                 &objects,
             );
+            if let Some(secret) = &mut key_secret {
+                state.desired.ipsec_keys = secret.keys();
+            }
             let (allocations, ipam_problems) = ipam::allocate(&cluster, &objects.services);
             addresses.write(&client, &allocations).await;
             state.problems.extend(ipam_problems);
