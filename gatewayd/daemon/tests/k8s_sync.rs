@@ -229,7 +229,7 @@ const PSK1: &str = "00112233445566778899aabbccddeeff";
 const PSK2: &str = "ffeeddccbbaa99887766554433221100";
 
 /// The next state whose IPsec keys differ from `keys`; its other changes come along.
-async fn next_keys(updates: &mut mpsc::Receiver<ClusterUpdate>, keys: Option<&str>) -> ClusterState {
+async fn next_keys(updates: &mut mpsc::Receiver<ClusterUpdate>, keys: Option<&str>) -> Arc<ClusterState> {
     loop {
         let state = next_update(updates).await;
         if state.desired.ipsec_keys.as_ref().map(|k| k.text.as_str()) != keys {
