@@ -285,6 +285,14 @@ int gatewayd_lb(struct xdp_md *ctx)
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
 		return gd_verdict(GD_REASON_FIB_NO_NEIGH_PASS, len, XDP_PASS);
 
+	/*
+	 * A device without link-layer addresses (WireGuard, kernel or a TUN like boringtun's)
+	 * cannot take an Ethernet frame from XDP: the stack routes the packet into it. No
+	 * Ethernet device has the all-zero MAC, so both being zero means such a device.
+	 */
+	if (gd_zero_mac(fib.smac) && gd_zero_mac(fib.dmac))
+		return gd_verdict(GD_REASON_L3_DEVICE_PASS, len, XDP_PASS);
+
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
 	eth = data;

@@ -1106,3 +1106,116 @@ pub fn metric_value(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Op
         value.parse().ok()
     })
 }
+
+/// `count` pings from `ns` to `to`; fails unless every one is answered.
+pub fn ping(ns: &Netns, to: &str, count: u32) -> Result<()> {
+    let count = count.to_string();
+    let out = ns
+        .exec(&["ping", "-n", "-c", &count, "-i", "0.2", "-W", "5", to])
+        .context("ping (apt-get install iputils-ping)")?;
+    let text = stdout(&out);
+    if !text.contains(&format!("{count} received")) {
+        bail!("not every ping to {to} was answered:\n{text}");
+    }
+    Ok(())
+}
+
+/// Polls `check` every 250 ms until it returns Some, for at most `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check()? {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// WireGuard peers for the encryption tests and the tunnel benchmark: Debian's wireguard-go,
+// configured with wg(8) (apt-get install wireguard-go wireguard-tools).
+// ---------------------------------------------------------------------------------------------
+
+/// A WireGuard key pair made by `wg genkey` / `wg pubkey`: (private, public), base64.
+pub fn wg_keypair() -> Result<(String, String)> {
+    let private = stdout(&run("wg", &["genkey"]).context("wg genkey (apt-get install wireguard-tools)")?)
+        .trim()
+        .to_owned();
+    let mut child = Command::new("wg")
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(format!("{private}\n").as_bytes())?;
+    let out = child.wait_with_output()?;
+    Ok((private, String::from_utf8(out.stdout)?.trim().to_owned()))
+}
+
+/// A wireguard-go device in a namespace, running in the foreground until dropped. Interface
+/// names must be unique on the machine: the UAPI socket directory is shared by all namespaces.
+pub struct WireGuardGo {
+    pub ifname: String,
+    child: Option<Child>,
+}
+
+impl WireGuardGo {
+    /// Starts `wireguard-go -f ifname` in `ns` with `private_key`, listening on `port`, with
+    /// `address` (a CIDR) on the interface, up.
+    pub fn start(
+        ns: &Netns,
+        scratch: &Scratch,
+        ifname: &str,
+        private_key: &str,
+        port: u16,
+        address: &str,
+    ) -> Result<Self> {
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", ns.name))
+            .args(["wireguard-go", "-f", ifname])
+            // wireguard-go refuses to run on Linux unless told the kernel module is not wanted.
+            .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning wireguard-go (apt-get install wireguard-go)")?;
+        let wg = WireGuardGo {
+            ifname: ifname.to_owned(),
+            child: Some(child),
+        };
+        let socket = PathBuf::from(format!("/var/run/wireguard/{ifname}.sock"));
+        wait_for("the wireguard-go UAPI socket", Duration::from_secs(20), || {
+            Ok(socket.exists().then_some(()))
+        })?;
+        let key = scratch.write(&format!("{ifname}.key"), private_key)?;
+        ns.exec(&[
+            "wg",
+            "set",
+            ifname,
+            "private-key",
+            &key.display().to_string(),
+            "listen-port",
+            &port.to_string(),
+        ])?;
+        ns.exec(&["ip", "addr", "add", address, "dev", ifname])?;
+        ns.exec(&["ip", "link", "set", ifname, "up"])?;
+        Ok(wg)
+    }
+}
+
+impl Drop for WireGuardGo {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.ifname));
+    }
+}

@@ -294,20 +294,6 @@ fn udp_peer(sock: &UdpSocket, message: &str) -> Result<SocketAddr> {
     seen.parse().with_context(|| format!("server answered {seen:?}"))
 }
 
-/// `count` pings from `ns` to `to`; fails unless every one is answered.
-fn ping(ns: &Netns, to: &str, count: u32) -> Result<()> {
-    let count = count.to_string();
-    let out = ns
-        .exec(&["ping", "-n", "-c", &count, "-i", "0.2", "-W", "5", to])
-        .context("ping (apt-get install iputils-ping)")?;
-    let text = stdout(&out);
-    ensure!(
-        text.contains(&format!("{count} received")),
-        "not every ping to {to} was answered:\n{text}"
-    );
-    Ok(())
-}
-
 fn in_port_range(port: u16) -> bool {
     (PORT_MIN..=PORT_MAX).contains(&port)
 }
@@ -341,20 +327,6 @@ fn find_translation<'a>(
 
 fn u64_of(v: &Value, key: &str) -> Result<u64> {
     v[key].as_u64().ok_or_else(|| anyhow!("no {key} in {v}"))
-}
-
-/// Polls `check` every 250 ms until it returns Some, for at most `timeout`.
-fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check()? {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
 }
 
 /// The frame length tcpdump -e prints (`..., length N: ...`).

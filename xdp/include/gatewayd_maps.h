@@ -175,7 +175,8 @@ struct gd_traffic_counters {
 #define GD_REASON_NAT_EXHAUSTED_DROP 15 /* egress: new flow, no free NAT port among those tried */
 #define GD_REASON_RNAT_MISS_PASS 16	/* egress: to an egress address, no live NAT mapping */
 #define GD_REASON_EGRESS_UNSUPPORTED_PASS 17 /* egress: selected by a policy, not translatable */
-#define GD_REASON_MAX 18
+#define GD_REASON_L3_DEVICE_PASS 18 /* backend routed via a device without MACs (WireGuard): stack */
+#define GD_REASON_MAX 19
 
 struct gd_reason_counters {
 	__u64 packets;

@@ -13,6 +13,7 @@ pub enum Request {
     LbStats,
     EgressList,
     NatList,
+    EncryptionStatus,
     /// Switches the connection to a stream of [`FlowEvent`] lines until the client hangs up.
     Observe,
 }
@@ -25,7 +26,53 @@ pub enum Response {
     LbStats(LbStats),
     EgressList(Vec<EgressPolicyStatus>),
     NatList(Vec<NatTranslation>),
+    EncryptionStatus(EncryptionStatus),
     Error(String),
+}
+
+/// Node encryption as the daemon runs it. Never carries a private key.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EncryptionStatus {
+    /// `none`, `wireguard` or `ipsec`.
+    pub mode: String,
+    pub wireguard: Option<WireGuardStatus>,
+    pub ipsec: Option<IpsecStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireGuardStatus {
+    pub interface: String,
+    /// `kernel` or `userspace` (boringtun inside the daemon).
+    pub implementation: String,
+    pub public_key: String,
+    pub listen_port: u16,
+    pub peers: Vec<WireGuardPeerStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireGuardPeerStatus {
+    pub name: String,
+    pub public_key: String,
+    /// Configured, or learned from the peer's packets.
+    pub endpoint: Option<String>,
+    pub allowed_ips: Vec<String>,
+    /// Seconds since the last completed handshake; None before the first.
+    pub handshake_age_seconds: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IpsecStatus {
+    pub local_address: String,
+    /// The key id new traffic is sent with (the SPI of the outbound states).
+    pub current_key_id: u8,
+    /// Every key id with installed states, oldest first.
+    pub installed_key_ids: Vec<u8>,
+    /// XFRM states and policies gatewayd installed (counted in the kernel).
+    pub states: usize,
+    pub policies: usize,
+    pub peers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -32,7 +32,7 @@ pub const MAX_AFFINITY: u32 = 262_144;
 pub const MAX_SOURCE_RANGES: u32 = 65536;
 
 /// Names of the `gd_reasons` slots, in `GD_REASON_*` order.
-pub const REASON_NAMES: [&str; 18] = [
+pub const REASON_NAMES: [&str; 19] = [
     "non_vip_pass",
     "malformed_pass",
     "fragment_drop",
@@ -51,6 +51,7 @@ pub const REASON_NAMES: [&str; 18] = [
     "nat_exhausted_drop",
     "rnat_miss_pass",
     "egress_unsupported_pass",
+    "l3_device_pass",
 ];
 pub const REASON_MAX: u32 = REASON_NAMES.len() as u32;
 

@@ -52,6 +52,11 @@ enum Command {
         #[command(subcommand)]
         command: NatCommand,
     },
+    /// Node encryption (WireGuard or IPsec).
+    Encryption {
+        #[command(subcommand)]
+        command: EncryptionCommand,
+    },
     /// Stream datapath events (new flows, drops with their reason) as they happen.
     Observe(ObserveArgs),
     /// Print a shell completion script.
@@ -144,6 +149,12 @@ enum NatCommand {
     List,
 }
 
+#[derive(Subcommand)]
+enum EncryptionCommand {
+    /// Mode, device, public key, and per peer: endpoint, handshake age, bytes; IPsec counts.
+    Status,
+}
+
 /// Failures that map to distinct exit codes.
 enum Failure {
     Unreachable(anyhow::Error),
@@ -167,6 +178,9 @@ fn main() -> ExitCode {
         Command::Nat {
             command: NatCommand::List,
         } => Request::NatList,
+        Command::Encryption {
+            command: EncryptionCommand::Status,
+        } => Request::EncryptionStatus,
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "gatewayctl", &mut std::io::stdout());
             return ExitCode::SUCCESS;
@@ -310,6 +324,7 @@ fn print_text(response: &Response) {
         Response::LbStats(stats) => print_lb_stats(stats),
         Response::EgressList(policies) => print_egress_list(policies),
         Response::NatList(translations) => print_nat_list(translations),
+        Response::EncryptionStatus(status) => print_encryption_status(status),
         Response::Error(message) => println!("error: {message}"),
     }
 }
@@ -447,6 +462,44 @@ fn print_nat_list(translations: &[api::NatTranslation]) {
         );
     }
     println!("{} translations", translations.len());
+}
+
+fn print_encryption_status(s: &api::EncryptionStatus) {
+    println!("mode: {}", s.mode);
+    if let Some(wg) = &s.wireguard {
+        println!(
+            "interface {} ({}), listening on port {}",
+            wg.interface, wg.implementation, wg.listen_port
+        );
+        println!("public key: {}", wg.public_key);
+        println!(
+            "{:<16} {:<44} {:<28} {:>10} {:>14} {:>14}  allowed ips",
+            "peer", "public key", "endpoint", "handshake", "rx bytes", "tx bytes"
+        );
+        for p in &wg.peers {
+            println!(
+                "{:<16} {:<44} {:<28} {:>10} {:>14} {:>14}  {}",
+                if p.name.is_empty() { "-" } else { &p.name },
+                p.public_key,
+                p.endpoint.as_deref().unwrap_or("-"),
+                p.handshake_age_seconds
+                    .map(|a| format!("{} ago", duration(a)))
+                    .unwrap_or_else(|| "never".into()),
+                p.rx_bytes,
+                p.tx_bytes,
+                p.allowed_ips.join(", ")
+            );
+        }
+    }
+    if let Some(ipsec) = &s.ipsec {
+        println!("local address: {}", ipsec.local_address);
+        println!(
+            "current key id: {}  installed key ids: {:?}",
+            ipsec.current_key_id, ipsec.installed_key_ids
+        );
+        println!("XFRM states: {}  policies: {}", ipsec.states, ipsec.policies);
+        println!("peers: {}", ipsec.peers.join(", "));
+    }
 }
 
 fn duration(secs: u64) -> String {

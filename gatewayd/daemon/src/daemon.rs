@@ -9,6 +9,7 @@ use crate::datapath::lb_maps::{self, LbMaps};
 use crate::datapath::neighbours::Neighbours;
 use crate::datapath::{Attachment, Capacities, Datapath, Hook, LB_PROGRAM};
 use crate::egress::gateway::EgressGateway;
+use crate::encryption::Encryption;
 use crate::events::EventHub;
 use crate::lb::reconcile::{LbParams, Programmed};
 use crate::metrics::{self, BackendLabels, Metrics, ServiceLabels, ServiceView, Snapshot};
@@ -32,6 +33,7 @@ struct Daemon {
     metrics: Arc<Metrics>,
     neighbours: Neighbours,
     egress: EgressGateway,
+    encryption: Encryption,
     generation: u64,
     last_reload: Option<api::ReloadResult>,
     started: Instant,
@@ -94,16 +96,28 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
         lb,
         programmed,
         metrics,
-        neighbours: Neighbours::new(netlink),
+        neighbours: Neighbours::new(netlink.clone()),
         egress,
+        encryption: Encryption::new(netlink),
         generation: 0,
         last_reload: None,
         started: Instant::now(),
     };
+    let encryption = daemon
+        .encryption
+        .prepare(&config.settings.encryption, &config.desired.peers)
+        .await
+        .context("starting node encryption")?;
     daemon.apply(&config).context("applying the configuration")?;
+    daemon
+        .encryption
+        .commit(encryption, &config.settings.encryption)
+        .await
+        .context("configuring node encryption")?;
     daemon.sync_netlink().await;
     daemon.generation = 1;
     daemon.publish_metrics();
+    daemon.publish_encryption().await;
     let status = daemon.status_line();
     info!("{status}");
     notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
@@ -128,9 +142,18 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
             _ = collect.tick() => {
                 let live = daemon.egress.collect_garbage();
                 daemon.metrics.set_nat_entries(live, daemon.egress.nat_capacity());
+                daemon.encryption.tick().await;
+                daemon.publish_encryption().await;
             }
             Some((request, reply)) = queries.recv() => {
-                let _ = reply.send(daemon.answer(request));
+                let response = match request {
+                    Request::EncryptionStatus => match daemon.encryption.status().await {
+                        Ok(status) => Response::EncryptionStatus(status),
+                        Err(e) => Response::Error(format!("{e:#}")),
+                    },
+                    request => daemon.answer(request),
+                };
+                let _ = reply.send(response);
             }
         }
     }
@@ -194,13 +217,11 @@ impl Daemon {
             .collect();
         wanted.extend(EgressGateway::attachments(&config.desired.egress_policies));
         self.datapath.sync_attachments(&wanted)?;
-        for (what, present) in [
-            ("peers", !config.desired.peers.is_empty()),
-            ("clusters", !s.clusters.is_empty()),
-        ] {
-            if present {
-                warn!("{what} are configured but not enforced by this version of gatewayd");
-            }
+        if !s.clusters.is_empty() {
+            warn!("clusters are configured but not enforced by this version of gatewayd");
+        }
+        if s.encryption.mode == crate::config::EncryptionMode::None && !config.desired.peers.is_empty() {
+            warn!("peers are configured but encryption.mode is \"none\": they are not used");
         }
         Ok(())
     }
@@ -232,18 +253,14 @@ impl Daemon {
         let now = SystemTime::now();
         notify(&[NotifyState::Reloading, monotonic_now()]);
         info!(path = %self.config_path.display(), "reloading configuration");
-        let result = config::load_file(&self.config_path, &SystemHost)
-            .map_err(anyhow::Error::from)
-            .and_then(|new| {
-                self.warn_restart_only_changes(&new);
-                self.apply(&new).map(|()| new)
-            });
+        let result = self.load_and_apply().await;
         let (ok, message) = match result {
             Ok(new) => {
                 self.config = new;
                 self.generation += 1;
                 self.publish_metrics();
                 self.sync_netlink().await;
+                self.publish_encryption().await;
                 info!(generation = self.generation, "configuration reloaded");
                 (true, format!("generation {} applied", self.generation))
             }
@@ -265,6 +282,33 @@ impl Daemon {
             format!("{}; last reload FAILED", self.status_line())
         };
         notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+    }
+
+    /// Reads the file and applies it; encryption is planned (and a new mode started) before
+    /// anything else changes.
+    async fn load_and_apply(&mut self) -> Result<Config> {
+        let new = config::load_file(&self.config_path, &SystemHost)?;
+        self.warn_restart_only_changes(&new);
+        let encryption = self
+            .encryption
+            .prepare(&new.settings.encryption, &new.desired.peers)
+            .await
+            .context("node encryption")?;
+        self.apply(&new)?;
+        self.encryption
+            .commit(encryption, &new.settings.encryption)
+            .await
+            .context("node encryption")?;
+        Ok(new)
+    }
+
+    /// Hands the encryption status (per-peer handshakes and bytes, IPsec counts) to the
+    /// metrics endpoint.
+    async fn publish_encryption(&self) {
+        match self.encryption.status().await {
+            Ok(status) => self.metrics.publish_encryption(status),
+            Err(e) => warn!("reading the encryption status: {e:#}"),
+        }
     }
 
     fn warn_restart_only_changes(&self, new: &Config) {
@@ -345,6 +389,7 @@ impl Daemon {
             )),
             Request::NatList => Ok(Response::NatList(self.egress.translations())),
             Request::Observe => unreachable!("the control socket streams events itself"),
+            Request::EncryptionStatus => unreachable!("answered by the main loop (it awaits netlink)"),
         };
         result.unwrap_or_else(|e| Response::Error(format!("{e:#}")))
     }

@@ -4,6 +4,7 @@
 //! - [`model`]: the desired state every source feeds (TOML today, Kubernetes later).
 //! - [`lb`]: Maglev and the reconcile planner (pure).
 //! - [`egress`]: egress policies compiled into the datapath's lookup tries (pure).
+//! - [`encryption`]: WireGuard and IPsec between gateways and nodes.
 //! - [`datapath`]: the eBPF objects, their pins, and the maps the planner's operations write.
 //! - [`daemon`], [`control`], [`events`], [`metrics`], [`logging`]: the long-running process.
 
@@ -12,6 +13,7 @@ pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod egress;
+pub mod encryption;
 pub mod events;
 pub mod lb;
 pub mod logging;

@@ -94,14 +94,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
             init_cli_logging();
             // Teardown must work where the configured interfaces are gone (or live in another
             // network namespace): only the file's own validity matters here.
-            let bpffs = match config::load_file(&cli.config, &config::AnyHost) {
-                Ok(c) => c.settings.bpffs,
+            let settings = match config::load_file(&cli.config, &config::AnyHost) {
+                Ok(c) => c.settings,
                 Err(e) => {
-                    tracing::warn!("{e}; tearing down the default {}", config::DEFAULT_BPFFS);
-                    PathBuf::from(config::DEFAULT_BPFFS)
+                    tracing::warn!(
+                        "{e}; tearing down the defaults ({}, WireGuard interface {})",
+                        config::DEFAULT_BPFFS,
+                        config::DEFAULT_WIREGUARD_INTERFACE
+                    );
+                    config::parse("", &config::AnyHost)
+                        .expect("the empty config is valid")
+                        .settings
                 }
             };
-            gatewayd::datapath::teardown(&bpffs)?;
+            gatewayd::datapath::teardown(&settings.bpffs)?;
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(gatewayd::encryption::teardown(&settings.encryption))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Decap { action } => {

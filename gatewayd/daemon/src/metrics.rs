@@ -8,6 +8,7 @@ use crate::datapath::lb_maps::LbCounters;
 use crate::datapath::open_pinned_map;
 use anyhow::{Context, Result};
 use aya::maps::{MapData, PerCpuArray};
+use gatewayd_common::api;
 use gatewayd_common::maps::EgressCounters;
 use gatewayd_common::maps::REASON_NAMES;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -93,6 +94,20 @@ pub struct Metrics {
     /// Live NAT entries as of the last garbage collection, and the table's capacity.
     nat_entries: AtomicI64,
     nat_capacity: AtomicI64,
+    /// As of the daemon's last look (every few seconds, and after each reload).
+    encryption: Mutex<Option<api::EncryptionStatus>>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    interface: String,
+    peer: String,
+    public_key: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct XfrmErrorLabels {
+    error: String,
 }
 
 impl Metrics {
@@ -106,12 +121,17 @@ impl Metrics {
             counters: Mutex::new(None),
             nat_entries: AtomicI64::new(0),
             nat_capacity: AtomicI64::new(0),
+            encryption: Mutex::new(None),
         })
     }
 
     pub fn set_nat_entries(&self, live: usize, capacity: u32) {
         self.nat_entries.store(live as i64, Ordering::Relaxed);
         self.nat_capacity.store(i64::from(capacity), Ordering::Relaxed);
+    }
+
+    pub fn publish_encryption(&self, status: api::EncryptionStatus) {
+        *self.encryption.lock().expect("encryption lock") = Some(status);
     }
 
     pub fn publish(&self, snapshot: Snapshot) {
@@ -298,9 +318,83 @@ impl Metrics {
             nat_capacity,
         );
 
+        self.register_encryption(&mut registry);
+
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry)?;
         Ok(text)
+    }
+}
+
+impl Metrics {
+    fn register_encryption(&self, registry: &mut Registry) {
+        let Some(status) = self.encryption.lock().expect("encryption lock").clone() else {
+            return;
+        };
+        if let Some(wg) = &status.wireguard {
+            let age = Family::<PeerLabels, Gauge>::default();
+            let rx = Family::<PeerLabels, Counter>::default();
+            let tx = Family::<PeerLabels, Counter>::default();
+            for p in &wg.peers {
+                let labels = PeerLabels {
+                    interface: wg.interface.clone(),
+                    peer: p.name.clone(),
+                    public_key: p.public_key.clone(),
+                };
+                // No handshake yet: no sample, rather than a misleading age of 0.
+                if let Some(a) = p.handshake_age_seconds {
+                    age.get_or_create(&labels).set(a as i64);
+                }
+                rx.get_or_create(&labels).inc_by(p.rx_bytes);
+                tx.get_or_create(&labels).inc_by(p.tx_bytes);
+            }
+            registry.register(
+                "wireguard_peer_handshake_age_seconds",
+                "Seconds since the last WireGuard handshake with each peer",
+                age,
+            );
+            registry.register(
+                "wireguard_peer_rx_bytes",
+                "Bytes received from each WireGuard peer",
+                rx,
+            );
+            registry.register("wireguard_peer_tx_bytes", "Bytes sent to each WireGuard peer", tx);
+        }
+        if let Some(ipsec) = &status.ipsec {
+            let states = Gauge::<i64>::default();
+            states.set(ipsec.states as i64);
+            registry.register("ipsec_states", "XFRM states gatewayd installed", states);
+            let policies = Gauge::<i64>::default();
+            policies.set(ipsec.policies as i64);
+            registry.register("ipsec_policies", "XFRM policies gatewayd installed", policies);
+            let key = Gauge::<i64>::default();
+            key.set(i64::from(ipsec.current_key_id));
+            registry.register(
+                "ipsec_current_key_id",
+                "Key id (SPI) of outbound IPsec traffic",
+                key,
+            );
+            // The kernel's XFRM error counters (CONFIG_XFRM_STATISTICS): the network
+            // namespace's, not only gatewayd's states'.
+            if let Ok(text) = std::fs::read_to_string("/proc/net/xfrm_stat") {
+                let errors = Family::<XfrmErrorLabels, Counter>::default();
+                for (name, value) in text.lines().filter_map(|l| {
+                    let mut f = l.split_whitespace();
+                    Some((f.next()?, f.next()?.parse::<u64>().ok()?))
+                }) {
+                    errors
+                        .get_or_create(&XfrmErrorLabels {
+                            error: name.to_owned(),
+                        })
+                        .inc_by(value);
+                }
+                registry.register(
+                    "ipsec_xfrm_errors",
+                    "XFRM error counters of the kernel, by name",
+                    errors,
+                );
+            }
+        }
     }
 }
 

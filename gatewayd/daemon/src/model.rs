@@ -112,8 +112,9 @@ pub struct EgressPolicy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
     pub name: String,
-    /// Base64 WireGuard public key.
+    /// Base64 WireGuard public key; empty for a peer reached by IPsec only.
     pub public_key: String,
+    /// WireGuard: where the peer's UDP port is. IPsec: its address is the tunnel endpoint.
     pub endpoint: Option<std::net::SocketAddr>,
     pub allowed_ips: Vec<IpNet>,
 }

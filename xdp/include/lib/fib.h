@@ -72,6 +72,12 @@ struct {
  * Fill the lookup parameters for the outer header. `canonical` zeroes every input derived
  * from the flow hash (see above) so that the cached answer is the same for all flows.
  */
+/* All six bytes zero: no Ethernet device has this address (see the caller in lb.c). */
+static __always_inline int gd_zero_mac(const unsigned char *mac)
+{
+	return !(mac[0] | mac[1] | mac[2] | mac[3] | mac[4] | mac[5]);
+}
+
 static __always_inline void gd_fib_init(struct bpf_fib_lookup *fib, struct xdp_md *ctx,
 					const struct gd_pkt *pkt, const struct gd_encap *e,
 					const struct gd_lb_settings *settings, int canonical)

@@ -21,6 +21,9 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/gatewayd/gatewayd.toml";
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/gatewayd";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/gatewayd";
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9469";
+pub const DEFAULT_WIREGUARD_INTERFACE: &str = "gwd-wg0";
+pub const DEFAULT_WIREGUARD_PORT: u16 = 51820;
+pub const DEFAULT_ROTATION_OVERLAP: u32 = 60;
 
 /// A validated configuration: daemon settings plus the desired dataplane state.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,6 +44,65 @@ pub struct Settings {
     pub lb: LbSettings,
     pub egress: EgressSettings,
     pub clusters: Vec<Cluster>,
+    pub encryption: EncryptionSettings,
+}
+
+/// Node encryption: which mode runs, and the settings of each (the unused one keeps its
+/// defaults, so teardown knows the WireGuard interface name whatever the mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncryptionSettings {
+    pub mode: EncryptionMode,
+    pub wireguard: WireGuardSettings,
+    pub ipsec: IpsecSettings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncryptionMode {
+    None,
+    WireGuard,
+    Ipsec,
+}
+
+impl fmt::Display for EncryptionMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EncryptionMode::None => "none",
+            EncryptionMode::WireGuard => "wireguard",
+            EncryptionMode::Ipsec => "ipsec",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireGuardSettings {
+    /// The interface gatewayd owns.
+    pub interface: String,
+    pub listen_port: u16,
+    pub implementation: WireGuardImplementation,
+    /// Created (mode 0600) on first start when missing.
+    pub private_key_file: PathBuf,
+    /// Address (with prefix) assigned to the interface, if any.
+    pub address: Option<IpNet>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireGuardImplementation {
+    /// The kernel module where the kernel has it, boringtun otherwise.
+    Auto,
+    Kernel,
+    /// boringtun inside the daemon.
+    Userspace,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpsecSettings {
+    /// Lines `<key id 1..255> <hex pre-shared key>`; the last line is the current key.
+    /// Required (with `local_address`) when the mode is ipsec.
+    pub key_file: Option<PathBuf>,
+    /// This gateway's underlay address: the local tunnel endpoint.
+    pub local_address: Option<std::net::IpAddr>,
+    /// Seconds the previous key's states stay installed after a rotation.
+    pub rotation_overlap: u32,
 }
 
 /// NAT behaviour shared by every egress policy.
@@ -524,5 +586,100 @@ name = "c"
                 "clusters[0].id"
             ]
         );
+    }
+
+    #[test]
+    fn encryption_defaults_follow_the_state_dir() {
+        let config = parse("[daemon]\nstate_dir = \"/srv/gd\"\n", &HOST).unwrap();
+        let e = &config.settings.encryption;
+        assert_eq!(e.mode, EncryptionMode::None);
+        assert_eq!(e.wireguard.interface, "gwd-wg0");
+        assert_eq!(e.wireguard.listen_port, 51820);
+        assert_eq!(e.wireguard.implementation, WireGuardImplementation::Auto);
+        assert_eq!(
+            e.wireguard.private_key_file,
+            PathBuf::from("/srv/gd/wireguard.key")
+        );
+        assert_eq!(e.ipsec.rotation_overlap, 60);
+    }
+
+    #[test]
+    fn encryption_settings_are_validated() {
+        let text = r#"
+[encryption]
+mode = "tls"
+
+[encryption.wireguard]
+interface = "a-name-far-too-long"
+listen_port = 0
+implementation = "fast"
+private_key_file = "wireguard.key"
+address = "10.99.0.1"
+
+[encryption.ipsec]
+key_file = "keys"
+local_address = "gateway"
+rotation_overlap = 0
+"#;
+        let paths: Vec<String> = errors(text).into_iter().map(|e| e.path).collect();
+        assert_eq!(
+            paths,
+            [
+                "encryption.mode",
+                "encryption.wireguard.interface",
+                "encryption.wireguard.listen_port",
+                "encryption.wireguard.implementation",
+                "encryption.wireguard.private_key_file",
+                "encryption.wireguard.address",
+                "encryption.ipsec.key_file",
+                "encryption.ipsec.local_address",
+                "encryption.ipsec.rotation_overlap",
+            ]
+        );
+    }
+
+    #[test]
+    fn ipsec_mode_needs_its_keys_and_endpoints_but_no_wireguard_keys() {
+        let errs = errors("[encryption]\nmode = \"ipsec\"\n\n[[peers]]\nname = \"n\"\n");
+        let shown: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        assert_eq!(errs.len(), 3, "{shown:#?}");
+        assert!(
+            shown[0].contains("encryption.ipsec.key_file: required"),
+            "{shown:#?}"
+        );
+        assert!(shown[1].contains("encryption.ipsec.local_address: required"));
+        assert!(shown[2].contains("peers[0].endpoint: required in ipsec mode"));
+
+        let config = parse(
+            r#"
+[encryption]
+mode = "ipsec"
+[encryption.ipsec]
+key_file = "/etc/gatewayd/ipsec.keys"
+local_address = "192.0.2.1"
+
+[[peers]]
+name = "n"
+endpoint = "192.0.2.2:0"
+allowed_ips = ["10.244.0.0/24"]
+"#,
+            &HOST,
+        )
+        .unwrap();
+        assert_eq!(config.settings.encryption.mode, EncryptionMode::Ipsec);
+        assert_eq!(config.desired.peers[0].public_key, "");
+    }
+
+    #[test]
+    fn wireguard_peers_need_distinct_keys() {
+        let key = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+        let text = format!(
+            "[encryption]\nmode = \"wireguard\"\n\n[[peers]]\nname = \"a\"\npublic_key = \"{key}\"\n\n\
+             [[peers]]\nname = \"b\"\npublic_key = \"{key}\"\n\n[[peers]]\nname = \"c\"\n"
+        );
+        let shown: Vec<String> = errors(&text).iter().map(|e| e.to_string()).collect();
+        assert_eq!(shown.len(), 2, "{shown:#?}");
+        assert!(shown[0].contains("peers[1].public_key") && shown[0].contains("same key as peers[0]"));
+        assert!(shown[1].contains("peers[2].public_key: required"));
     }
 }

@@ -26,6 +26,8 @@ pub struct RawConfig {
     pub peers: Vec<RawPeer>,
     #[serde(default)]
     pub clusters: Vec<RawCluster>,
+    #[serde(default)]
+    pub encryption: RawEncryption,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -124,7 +126,7 @@ pub struct RawEgressPolicy {
 #[serde(deny_unknown_fields)]
 pub struct RawPeer {
     pub name: String,
-    pub public_key: String,
+    pub public_key: Option<String>,
     pub endpoint: Option<String>,
     #[serde(default)]
     pub allowed_ips: Vec<String>,
@@ -140,4 +142,32 @@ pub struct RawCluster {
     pub server: Option<String>,
     pub token_file: Option<String>,
     pub ca_file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEncryption {
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub wireguard: RawWireGuard,
+    #[serde(default)]
+    pub ipsec: RawIpsec,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWireGuard {
+    pub interface: Option<String>,
+    pub listen_port: Option<u16>,
+    pub implementation: Option<String>,
+    pub private_key_file: Option<String>,
+    pub address: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIpsec {
+    pub key_file: Option<String>,
+    pub local_address: Option<String>,
+    pub rotation_overlap: Option<u32>,
 }

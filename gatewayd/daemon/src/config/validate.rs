@@ -108,7 +108,7 @@ pub(super) fn validate(raw: RawConfig, host: &dyn Host) -> Result<Config, Vec<Co
         settings.egress.interface.as_deref(),
         host,
     );
-    let peers = peers(&mut c, &raw.peers);
+    let peers = peers(&mut c, &raw.peers, settings.encryption.mode);
 
     if c.errors.is_empty() {
         Ok(Config {
@@ -186,13 +186,15 @@ fn settings(c: &mut Checker, raw: &RawConfig, host: &dyn Host) -> Settings {
     let clusters = clusters(c, &raw.clusters);
 
     let path = |v: &Option<String>, default: &str| PathBuf::from(v.as_deref().unwrap_or(default));
+    let state_dir = path(&raw.daemon.state_dir, DEFAULT_STATE_DIR);
+    let encryption = encryption_settings(c, &raw.encryption, &state_dir);
     let settings = Settings {
         bpffs: path(&raw.daemon.bpffs, DEFAULT_BPFFS),
         control_socket: path(
             &raw.daemon.control_socket,
             gatewayd_common::api::DEFAULT_CONTROL_SOCKET,
         ),
-        state_dir: path(&raw.daemon.state_dir, DEFAULT_STATE_DIR),
+        state_dir,
         log_level,
         log_format,
         metrics_listen,
@@ -200,6 +202,7 @@ fn settings(c: &mut Checker, raw: &RawConfig, host: &dyn Host) -> Settings {
         lb,
         egress,
         clusters,
+        encryption,
     };
     for (key, p) in [
         ("daemon.bpffs", &settings.bpffs),
@@ -561,16 +564,162 @@ fn egress_policies(
         .collect()
 }
 
-fn peers(c: &mut Checker, raw: &[RawPeer]) -> Vec<Peer> {
+fn encryption_settings(c: &mut Checker, raw: &RawEncryption, state_dir: &Path) -> EncryptionSettings {
+    let mode = c.one_of(
+        "encryption.mode".into(),
+        raw.mode.as_deref(),
+        EncryptionMode::None,
+        &[
+            ("none", EncryptionMode::None),
+            ("wireguard", EncryptionMode::WireGuard),
+            ("ipsec", EncryptionMode::Ipsec),
+        ],
+    );
+    let w = &raw.wireguard;
+    let interface = w
+        .interface
+        .clone()
+        .unwrap_or_else(|| DEFAULT_WIREGUARD_INTERFACE.into());
+    // The kernel's limit (IFNAMSIZ - 1), and no characters `ip` or sysfs cannot take.
+    if interface.is_empty()
+        || interface.len() > 15
+        || interface.contains(['/', ' ', ':'])
+        || interface == "."
+        || interface == ".."
+    {
+        c.error(
+            "encryption.wireguard.interface".into(),
+            Some(format!("{interface:?}")),
+            "not a valid interface name (1-15 characters, no '/', ':' or space)",
+        );
+    }
+    let listen_port = w.listen_port.unwrap_or(DEFAULT_WIREGUARD_PORT);
+    if listen_port == 0 {
+        c.error(
+            "encryption.wireguard.listen_port".into(),
+            Some("0".into()),
+            "must be 1-65535 (peers need a fixed port to reach)",
+        );
+    }
+    let implementation = c.one_of(
+        "encryption.wireguard.implementation".into(),
+        w.implementation.as_deref(),
+        WireGuardImplementation::Auto,
+        &[
+            ("auto", WireGuardImplementation::Auto),
+            ("kernel", WireGuardImplementation::Kernel),
+            ("userspace", WireGuardImplementation::Userspace),
+        ],
+    );
+    let private_key_file = w
+        .private_key_file
+        .as_ref()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| state_dir.join("wireguard.key"));
+    if !private_key_file.is_absolute() {
+        c.error(
+            "encryption.wireguard.private_key_file".into(),
+            Some(format!("{:?}", private_key_file.display().to_string())),
+            "must be an absolute path",
+        );
+    }
+    // An interface address keeps its host bits (`10.99.0.1/24`), unlike the CIDRs elsewhere.
+    let address = w.address.as_deref().and_then(|a| {
+        c.parse(
+            "encryption.wireguard.address".into(),
+            a,
+            "an address with prefix length (e.g. 10.99.0.1/24)",
+        )
+    });
+
+    let i = &raw.ipsec;
+    let key_file = i.key_file.as_ref().map(PathBuf::from);
+    if let Some(k) = key_file.as_ref().filter(|k| !k.is_absolute()) {
+        c.error(
+            "encryption.ipsec.key_file".into(),
+            Some(format!("{:?}", k.display().to_string())),
+            "must be an absolute path",
+        );
+    }
+    let local_address = i
+        .local_address
+        .as_deref()
+        .and_then(|a| c.parse("encryption.ipsec.local_address".into(), a, "an IP address"));
+    if mode == EncryptionMode::Ipsec {
+        if key_file.is_none() {
+            c.error(
+                "encryption.ipsec.key_file".into(),
+                None,
+                "required when encryption.mode is \"ipsec\"",
+            );
+        }
+        if i.local_address.is_none() {
+            c.error(
+                "encryption.ipsec.local_address".into(),
+                None,
+                "required when encryption.mode is \"ipsec\" (this gateway's tunnel endpoint)",
+            );
+        }
+    }
+    let rotation_overlap = i.rotation_overlap.unwrap_or(DEFAULT_ROTATION_OVERLAP);
+    if rotation_overlap == 0 {
+        c.error(
+            "encryption.ipsec.rotation_overlap".into(),
+            Some("0".into()),
+            "must be at least 1 second, or peers still on the old key lose traffic at once",
+        );
+    }
+    EncryptionSettings {
+        mode,
+        wireguard: WireGuardSettings {
+            interface,
+            listen_port,
+            implementation,
+            private_key_file,
+            address,
+        },
+        ipsec: IpsecSettings {
+            key_file,
+            local_address,
+            rotation_overlap,
+        },
+    }
+}
+
+fn peers(c: &mut Checker, raw: &[RawPeer], mode: EncryptionMode) -> Vec<Peer> {
+    let mut keys = HashMap::new();
     raw.iter()
         .enumerate()
         .map(|(i, r)| {
             let p = |field: &str| format!("peers[{i}].{field}");
-            if !is_wireguard_key(&r.public_key) {
-                c.error(
+            // IPsec peers are known by their endpoint alone; every other mode needs the key.
+            match (&r.public_key, mode) {
+                (None, EncryptionMode::Ipsec) => {}
+                (None, _) => c.error(
                     p("public_key"),
-                    Some(format!("{:?}", r.public_key)),
+                    None,
+                    "required (the peer's WireGuard public key)",
+                ),
+                (Some(key), _) if !is_wireguard_key(key) => c.error(
+                    p("public_key"),
+                    Some(format!("{key:?}")),
                     "not a base64 WireGuard key (44 characters)",
+                ),
+                (Some(key), _) => {
+                    if let Some(first) = keys.insert(key.clone(), i) {
+                        c.error(
+                            p("public_key"),
+                            Some(format!("{key:?}")),
+                            format!("same key as peers[{first}]"),
+                        );
+                    }
+                }
+            }
+            if mode == EncryptionMode::Ipsec && r.endpoint.is_none() {
+                c.error(
+                    p("endpoint"),
+                    None,
+                    "required in ipsec mode (the peer's tunnel endpoint)",
                 );
             }
             let endpoint = r
@@ -580,7 +729,7 @@ fn peers(c: &mut Checker, raw: &[RawPeer]) -> Vec<Peer> {
             let allowed_ips = c.cidrs(&p("allowed_ips"), &r.allowed_ips);
             Peer {
                 name: r.name.clone(),
-                public_key: r.public_key.clone(),
+                public_key: r.public_key.clone().unwrap_or_default(),
                 endpoint,
                 allowed_ips,
             }
