@@ -120,6 +120,7 @@ cat >"$ROOTFS/etc/fstab" <<EOF
 LABEL=$LABEL  /            ext4  defaults,noatime  0  1
 bpffs               /sys/fs/bpf  bpf   mode=0700         0  0
 EOF
+install -m 0644 "$ROOT/images/rootfs/60-gatewayd.conf" "$ROOTFS/etc/sysctl.d/"
 # A fresh machine id on first boot, so copies of the image are distinct machines.
 : >"$ROOTFS/etc/machine-id"
 rm -f "$ROOTFS/var/lib/dbus/machine-id"

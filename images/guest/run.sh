@@ -9,7 +9,9 @@
 #   gd-client 10.77.0.100 ──┐
 #   root ns gw0 10.77.0.1 ──┼── gd-lan br0     gatewayd (systemd) with XDP on gw0
 #   gd-b1 10.77.0.11 ───────┤                  backends: VIP 10.77.100.1 on lo, kernel ipip
-#   gd-b2 10.77.0.12 ───────┘                  (tunl0), a TCP service answering its name
+#   gd-b2 10.77.0.12 ───────┤                  (tunl0), a TCP service answering its name
+#   gd-node 10.77.0.20 ─────┘                  an encryption peer of gatewayd: kernel
+#                                              WireGuard, or a second gatewayd for IPsec
 #
 #   gd-wga 10.99.0.1 ── veth ── gd-wgb 10.99.0.2    kernel WireGuard, overlay 10.98.0.1/.2
 #   gd-ipa 10.97.0.1 ── veth ── gd-ipb 10.97.0.2    IPsec ESP (XFRM states + policies)
@@ -54,7 +56,8 @@ xdp_prog() { ip -d link show dev gw0 | sed -n 's/.*prog\/xdp id \([0-9]*\).*/\1/
 # The bpf_link holding the XDP attachment on gw0.
 xdp_link() { bpftool link show | awk '/: xdp /{id=$1} /ifindex gw0/{sub(":","",id); print id}'; }
 ctl() { gatewayctl "$@"; }
-json_number() { grep -o "\"$1\":[0-9]*" | head -n 1 | cut -d: -f2; }
+# gatewayctl -o json pretty-prints: `"key": value`.
+json_number() { grep -o "\"$1\": *[0-9]*" | head -n 1 | sed 's/.*: *//'; }
 generation() { ctl -o json status | json_number config_generation; }
 ctl_answers() { ctl status >/dev/null 2>&1; }
 in_ns() { local ns=$1; shift; ip netns exec "gd-$ns" "$@"; }
@@ -90,7 +93,7 @@ request() {
 }
 
 setup_topology() {
-    for ns in lan client b1 b2; do
+    for ns in lan client b1 b2 node; do
         ip netns add "gd-$ns"
         in_ns "$ns" ip link set lo up
     done
@@ -105,7 +108,7 @@ setup_topology() {
     # nothing): a pass-everything program, compiled on the host.
     in_ns lan ip link set dev to-gw xdpdrv obj "$SHARE/xdp_pass.o" sec xdp
     local host addr
-    for host in client:10.77.0.100 b1:10.77.0.11 b2:10.77.0.12; do
+    for host in client:10.77.0.100 b1:10.77.0.11 b2:10.77.0.12 node:10.77.0.20; do
         addr=${host#*:}; host=${host%:*}
         ip link add eth0 netns "gd-$host" type veth peer name "to-$host" netns gd-lan
         in_ns lan ip link set "to-$host" master br0 up
@@ -146,6 +149,7 @@ boot_default_config() {
     systemctl --no-pager status gatewayd || true
     is_active || fail "gatewayd is $(active_state) after boot with the shipped config"
     [ "$(stat -f -c %T /sys/fs/bpf)" = bpf_fs ] || fail "/sys/fs/bpf is not bpffs"
+    [ "$(cat /proc/sys/net/ipv4/ip_forward)" = 1 ] || fail "forwarding is off"
     ctl status
     [ "$(systemctl is-enabled gatewayd)" = enabled ]
 }
@@ -193,8 +197,8 @@ reload_broken_config_keeps_state() {
     backends=$(bpftool map dump pinned "$PINS/maps/gd_backends")
     echo "$BROKEN_CONFIG" >"$CONFIG"
     systemctl reload gatewayd
-    wait_until 60 'ctl -o json status | grep -q "\"last_reload\":{"'
-    ctl -o json status | grep -q '"ok":false' || fail "the broken reload was not reported"
+    wait_until 60 'ctl -o json status | grep -q "\"last_reload\": *{"'
+    ctl -o json status | grep -q '"ok": *false' || fail "the broken reload was not reported"
     ctl status | grep 10.77.0.300
     is_active || fail "state $(active_state) after a broken reload"
     [ "$(generation)" = 1 ]
@@ -210,10 +214,18 @@ reload_broken_config_keeps_state() {
 
 # DSR through the kernel's ipip driver: every connection to the VIP is answered by a backend,
 # directly (the gateway only sees the client's packets).
+# What explains a DSR path that does not answer.
+dsr_diagnostics() {
+    ctl lb stats || true
+    ip neigh show dev gw0
+    ip -s link show gw0
+    for b in b1 b2; do in_ns "$b" ss -ltn; in_ns "$b" ip -s link show tunl0; done
+}
+
 dsr_kernel_ipip_backends() {
     local n name answered=""
     for n in 1 2 3 4 5 6; do
-        name=$(request) || fail "connection $n to $VIP:80 got no answer"
+        name=$(request) || { dsr_diagnostics; fail "connection $n to $VIP:80 got no answer"; }
         echo "connection $n answered by $name"
         case $name in b1|b2) answered="$answered $name" ;; *) fail "unexpected answer '$name'" ;; esac
     done
@@ -233,6 +245,7 @@ dsr_kernel_ipip_backends() {
 # and connections made while the daemon restarts are answered.
 restart_keeps_xdp_attached() {
     local prog link pid
+    echo "$GOOD_CONFIG" >"$CONFIG"
     prog=$(xdp_prog); link=$(xdp_link)
     [ -n "$prog" ]
     [ -n "$link" ]
@@ -253,11 +266,12 @@ restart_keeps_xdp_attached() {
     ! grep -v "^xdp=$prog answer=b[12]$" /run/gd-restart-samples || fail "a sample without the program or an answer"
     [ "$(xdp_prog)" = "$prog" ]
     [ "$(xdp_link)" = "$link" ]
-    ctl -o json status | grep -q '"origin":"adopted"' || fail "the program was not adopted"
+    ctl -o json status | grep -q '"origin": *"adopted"' || fail "the program was not adopted"
 }
 
 # The watchdog: a daemon that stops pinging (SIGSTOP) is killed and restarted by systemd.
 watchdog_restarts_hung_daemon() {
+    echo "$GOOD_CONFIG" >"$CONFIG"
     mkdir -p "$DROPINS"
     # A short watchdog; a stopped process ignores the watchdog's SIGABRT, so SIGKILL follows
     # after TimeoutAbortSec.
@@ -304,7 +318,121 @@ stop_then_teardown_cleans_up() {
     ! bpftool prog show | grep gatewayd_ || fail "gatewayd programs still loaded"
 }
 
-# --- full-kernel encryption between two namespaces ------------------------------------------
+# --- gatewayd's node encryption on a kernel that has WireGuard and ESP -----------------------
+
+# start_gatewayd EXTRA_TOML: the lab config plus EXTRA_TOML, started by systemd.
+start_gatewayd() {
+    printf '%s\n\n%s\n' "$GOOD_CONFIG" "$1" >"$CONFIG"
+    cat "$CONFIG"
+    systemctl start gatewayd || { journalctl -u gatewayd -n 30 --no-pager; fail "gatewayd did not start"; }
+}
+stop_gatewayd() {
+    systemctl stop gatewayd
+    gatewayd teardown
+}
+json_string() { grep -o "\"$1\": *\"[^\"]*\"" | head -n 1 | sed 's/.*: *"//; s/"$//'; }
+
+# implementation = "auto" picks the kernel module when the kernel has it (this one does); the
+# node is a plain kernel WireGuard peer configured with `wg`. The ping crosses the tunnel and
+# the node's underlay sees only WireGuard.
+gatewayd_wireguard_kernel_auto() {
+    wg genkey >/run/node.key
+    start_gatewayd "[encryption]
+mode = \"wireguard\"
+
+[encryption.wireguard]
+interface = \"gwd-wg0\"
+listen_port = 51820
+implementation = \"auto\"
+address = \"10.98.1.1/24\"
+
+[[peers]]
+name = \"node\"
+public_key = \"$(wg pubkey </run/node.key)\"
+endpoint = \"10.77.0.20:51820\"
+allowed_ips = [\"10.98.1.2/32\"]"
+    local status gateway_key
+    status=$(ctl -o json encryption status)
+    echo "$status"
+    [ "$(echo "$status" | json_string implementation)" = kernel ] || fail "auto did not choose the kernel module"
+    ip -d link show gwd-wg0 | grep -q 'wireguard' || fail "gwd-wg0 is not a kernel WireGuard device"
+    gateway_key=$(echo "$status" | json_string public_key)
+    in_ns node ip link add wg0 type wireguard
+    in_ns node wg set wg0 private-key /run/node.key listen-port 51820 \
+        peer "$gateway_key" endpoint 10.77.0.1:51820 allowed-ips 10.98.1.1/32
+    in_ns node ip addr add 10.98.1.2/24 dev wg0
+    in_ns node ip link set wg0 up
+    capture_start node
+    in_ns node ping -c 3 -W 5 10.98.1.1
+    capture_stop
+    ctl encryption status
+    [ "$(count node 'udp port 51820')" -gt 0 ] || fail "no WireGuard packets on the underlay"
+    [ "$(count node icmp)" -eq 0 ] || fail "ICMP in clear on the underlay"
+    in_ns node ip link del wg0
+    stop_gatewayd
+    ! ip link show gwd-wg0 2>/dev/null || fail "teardown left gwd-wg0"
+}
+
+# IPsec between two gatewayd: the systemd one (10.77.0.1) and one in the node namespace
+# (10.77.0.20), with the same key file: both derive the same ESP states and install the
+# policies; traffic between their allowed networks (10.96.1.0/24 behind the gateway,
+# 10.96.2.0/24 behind the node) crosses the underlay as ESP.
+gatewayd_ipsec_esp() {
+    local keys node=/run/gd-node
+    mkdir -p "$node"
+    keys="1 $(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
+    echo "$keys" >/etc/gatewayd/ipsec.keys
+    echo "$keys" >"$node/ipsec.keys"
+    chmod 0600 /etc/gatewayd/ipsec.keys "$node/ipsec.keys"
+    start_gatewayd '[encryption]
+mode = "ipsec"
+
+[encryption.ipsec]
+key_file = "/etc/gatewayd/ipsec.keys"
+local_address = "10.77.0.1"
+
+[[peers]]
+name = "node"
+endpoint = "10.77.0.20:4500"
+allowed_ips = ["10.96.2.0/24"]'
+    printf '%s\n' '[daemon]' 'bpffs = "/sys/fs/bpf/gatewayd-node"' \
+        "control_socket = \"$node/gatewayd.sock\"" "state_dir = \"$node\"" '' \
+        '[encryption]' 'mode = "ipsec"' '' '[encryption.ipsec]' "key_file = \"$node/ipsec.keys\"" \
+        'local_address = "10.77.0.20"' '' '[[peers]]' 'name = "gateway"' \
+        'endpoint = "10.77.0.1:4500"' 'allowed_ips = ["10.96.1.0/24"]' >"$node/gatewayd.toml"
+    cat "$node/gatewayd.toml"
+    # nsenter, not ip netns exec: the latter's private /sys would hide the daemon's pins.
+    nsenter --net=/run/netns/gd-node gatewayd --config "$node/gatewayd.toml" >"$node/log" 2>&1 &
+    local node_daemon=$!
+    wait_until 120 "gatewayctl --socket $node/gatewayd.sock status >/dev/null 2>&1" ||
+        { cat "$node/log"; fail "the node's gatewayd did not start"; }
+    ip addr add 10.96.1.1/32 dev lo
+    ip route add 10.96.2.0/24 via 10.77.0.20
+    in_ns node ip addr add 10.96.2.1/32 dev lo
+    in_ns node ip route add 10.96.1.0/24 via 10.77.0.1
+    ctl encryption status
+    ctl -o json encryption status | grep -q '"states": *[1-9]' || fail "no XFRM states installed"
+    ip xfrm state
+    ip xfrm policy
+    capture_start node
+    ping -c 3 -W 5 -I 10.96.1.1 10.96.2.1
+    capture_stop
+    ip -s xfrm state
+    # Both directions encrypted (the capture may stop before the last reply is recorded).
+    [ "$(count node "esp and src 10.77.0.1")" -gt 0 ] || fail "no ESP from the gateway on the underlay"
+    [ "$(count node "esp and src 10.77.0.20")" -gt 0 ] || fail "no ESP from the node on the underlay"
+    [ "$(count node icmp)" -eq 0 ] || fail "ICMP in clear on the underlay"
+    kill -TERM "$node_daemon"
+    wait "$node_daemon" || true
+    nsenter --net=/run/netns/gd-node gatewayd teardown --config "$node/gatewayd.toml"
+    ip addr del 10.96.1.1/32 dev lo
+    ip route del 10.96.2.0/24
+    stop_gatewayd
+    [ -z "$(ip xfrm state)" ] || fail "teardown left XFRM states"
+    rm -f /etc/gatewayd/ipsec.keys
+}
+
+# --- full-kernel encryption between two namespaces, without gatewayd ------------------------
 
 # pair NAME_A NAME_B PREFIX: two namespaces joined by a veth, PREFIX.1 and PREFIX.2.
 pair() {
@@ -377,7 +505,8 @@ ipsec_esp_kernel_encrypts() {
     in_ns ipa ping -c 3 -W 5 10.97.0.2
     capture_stop
     in_ns ipa ip -s xfrm state
-    [ "$(count ipb esp)" -ge 6 ] || fail "no ESP on the wire (3 requests, 3 replies)"
+    [ "$(count ipb "esp and src 10.97.0.1")" -gt 0 ] || fail "no ESP from ipa on the wire"
+    [ "$(count ipb "esp and src 10.97.0.2")" -gt 0 ] || fail "no ESP from ipb on the wire"
     [ "$(count ipb icmp)" -eq 0 ] || fail "ICMP in clear on the wire"
 }
 
@@ -394,6 +523,8 @@ if [ $setup -eq 0 ]; then
     check watchdog_restarts_hung_daemon watchdog_restarts_hung_daemon
     check journal_structured_fields journal_structured_fields
     check stop_then_teardown_cleans_up stop_then_teardown_cleans_up
+    check gatewayd_wireguard_kernel_auto gatewayd_wireguard_kernel_auto
+    check gatewayd_ipsec_esp gatewayd_ipsec_esp
 else
     echo "FAIL setup_topology" | tee -a "$RESULTS"
     tail -n 15 "$LOGS/setup.log"
