@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Boots the appliance image built by images/build.sh under qemu and runs the system checks inside
 # it (images/guest/run.sh): systemd lifecycle of gatewayd, DSR to kernel-ipip backends, kernel
-# WireGuard and IPsec ESP. Prints `PASS name` / `FAIL name` per check, then `N passed, N failed`;
-# exits non-zero if any check failed or the guest did not get to run them.
+# WireGuard and IPsec ESP; then boots the disk once more through its own bootloader (GRUB) to the
+# login prompt. Prints `PASS name` / `FAIL name` per check, then `N passed, N failed`; exits
+# non-zero if any check failed or the guest did not get to run them.
 #
 #   sudo images/boot-test.sh [--image-dir DIR] [--timeout SECONDS]
 #
@@ -59,16 +60,14 @@ QEMU_PID=
 cleanup() {
     local status=$?
     set +e
-    if [ -n "$QEMU_PID" ] && kill -0 "$QEMU_PID" 2>/dev/null; then
-        kill "$QEMU_PID"
-        wait "$QEMU_PID" 2>/dev/null
-    fi
+    [ -n "$QEMU_PID" ] && qemu_stop
     # Keep what explains a failure next to the image; the rest goes.
     if [ -d "$SHARE/logs" ]; then
         rm -rf "$IMAGE_DIR/boot-test-logs"
         cp -r "$SHARE/logs" "$IMAGE_DIR/boot-test-logs"
     fi
     [ -f "$WORK/console.log" ] && cp "$WORK/console.log" "$IMAGE_DIR/boot-test-console.log"
+    [ -f "$WORK/console-grub.log" ] && cp "$WORK/console-grub.log" "$IMAGE_DIR/boot-test-console-grub.log"
     rm -rf "$WORK"
     exit $status
 }
@@ -84,39 +83,81 @@ EOF
 clang-19 -O2 -target bpf -c "$WORK/xdp_pass.c" -o "$SHARE/xdp_pass.o"
 qemu-img create -q -f qcow2 -F raw -b "$IMAGE_DIR/gatewayd.img" "$WORK/overlay.qcow2"
 
+# qemu_start CONSOLE_LOG ARGS...: one guest on the overlay, no network, serial to CONSOLE_LOG.
+qemu_start() {
+    local console=$1; shift
+    qemu-system-x86_64 -accel "$ACCEL" -machine q35 -cpu max -smp 2 -m 2048 \
+        -nic none -display none -no-reboot -monitor none -serial "file:$console" \
+        -drive "file=$WORK/overlay.qcow2,if=virtio,format=qcow2" "$@" &
+    QEMU_PID=$!
+}
+# qemu_wait SECONDS 'CONDITION': until the guest exits or CONDITION holds; kills a guest still
+# running after SECONDS (the last resort against a hung guest).
+qemu_wait() {
+    local limit=$(( SECONDS + $1 ))
+    while kill -0 "$QEMU_PID" 2>/dev/null && ! eval "$2"; do
+        if [ $SECONDS -ge $limit ]; then
+            echo "guest still running after $1 s: killing it"
+            kill "$QEMU_PID"
+            break
+        fi
+        sleep 1
+    done
+}
+qemu_stop() {
+    kill "$QEMU_PID" 2>/dev/null || true
+    wait "$QEMU_PID" 2>/dev/null || true
+    QEMU_PID=
+}
+
+host_results=()
 START=$SECONDS
-qemu-system-x86_64 \
-    -accel "$ACCEL" -machine q35 -cpu max -smp 2 -m 2048 \
-    -nic none -display none -no-reboot \
-    -serial "file:$WORK/console.log" -monitor none \
+echo "booting $IMAGE_DIR/gatewayd.img (accel $ACCEL; console: $IMAGE_DIR/boot-test-console.log)"
+qemu_start "$WORK/console.log" \
     -kernel "$IMAGE_DIR/vmlinuz" -initrd "$IMAGE_DIR/initrd.img" \
     -append "$(cat "$IMAGE_DIR/cmdline") gatewayd.image_test" \
-    -drive "file=$WORK/overlay.qcow2,if=virtio,format=qcow2" \
-    -virtfs "local,path=$SHARE,mount_tag=gatewayd-test,security_model=none,id=gatewayd-test" &
-QEMU_PID=$!
-# The guest powers off when its checks are done, which ends qemu; the timeout is a last resort.
-( sleep "$TIMEOUT"; kill "$QEMU_PID" 2>/dev/null ) &
-TIMER=$!
-
-echo "booting $IMAGE_DIR/gatewayd.img (accel $ACCEL; console: $IMAGE_DIR/boot-test-console.log)"
-while kill -0 "$QEMU_PID" 2>/dev/null && [ ! -e "$SHARE/started" ]; do sleep 1; done
+    -virtfs "local,path=$SHARE,mount_tag=gatewayd-test,security_model=none,id=gatewayd-test"
+qemu_wait "$TIMEOUT" '[ -e "$SHARE/started" ]'
 [ -e "$SHARE/started" ] && echo "guest booted and started its checks after $(( SECONDS - START )) s"
-# Stream the results as the guest writes them, until qemu exits.
-touch "$SHARE/results"
-tail -n +1 -F --pid="$QEMU_PID" "$SHARE/results" 2>/dev/null || true
-wait "$QEMU_PID" || true
-QEMU_PID=
-kill "$TIMER" 2>/dev/null || true
-wait "$TIMER" 2>/dev/null || true
+# Stream the results as the guest writes them; the guest powers off when it is done.
+shown=0
+print_new_results() {
+    local lines
+    lines=$(wc -l <"$SHARE/results" 2>/dev/null || echo 0)
+    if [ "$lines" -gt "$shown" ]; then sed -n "$(( shown + 1 )),${lines}p" "$SHARE/results"; shown=$lines; fi
+}
+qemu_wait $(( TIMEOUT - (SECONDS - START) )) 'print_new_results; false'
+qemu_stop
+print_new_results
 echo "guest finished after $(( SECONDS - START )) s"
-
-passed=$(grep -c '^PASS ' "$SHARE/results" || true)
-failed=$(grep -c '^FAIL ' "$SHARE/results" || true)
-if [ "$(cat "$SHARE/status" 2>/dev/null)" != 0 ]; then
-    echo "FAIL guest_completed_checks"
-    failed=$(( failed + 1 ))
+if [ "$(cat "$SHARE/status" 2>/dev/null)" = 0 ]; then
+    host_results+=("PASS guest_completed_checks")
+else
+    host_results+=("FAIL guest_completed_checks")
     echo "--- last lines of the serial console:"
     tail -n 40 "$WORK/console.log" 2>/dev/null | sed 's/^/    /'
 fi
+printf '%s\n' "${host_results[-1]}"
+
+# The disk boots by itself too: BIOS, GRUB from the MBR, kernel and initrd from the partition,
+# up to the serial console's login prompt. (The checks above boot the same kernel directly.)
+START=$SECONDS
+rm -f "$WORK/overlay.qcow2"
+qemu-img create -q -f qcow2 -F raw -b "$IMAGE_DIR/gatewayd.img" "$WORK/overlay.qcow2"
+touch "$WORK/console-grub.log"
+qemu_start "$WORK/console-grub.log"
+qemu_wait "$TIMEOUT" 'grep -q "gatewayd login:" "$WORK/console-grub.log"'
+qemu_stop
+if grep -q "gatewayd login:" "$WORK/console-grub.log"; then
+    host_results+=("PASS disk_boots_with_grub")
+else
+    host_results+=("FAIL disk_boots_with_grub")
+    tail -n 20 "$WORK/console-grub.log" | sed 's/^/    /'
+fi
+printf '%s (%d s)\n' "${host_results[-1]}" $(( SECONDS - START ))
+
+all=$(cat "$SHARE/results"; printf '%s\n' "${host_results[@]}")
+passed=$(grep -c '^PASS ' <<<"$all" || true)
+failed=$(grep -c '^FAIL ' <<<"$all" || true)
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -53,8 +53,11 @@ main_pid() { systemctl show -p MainPID --value gatewayd; }
 restarts() { systemctl show -p NRestarts --value gatewayd; }
 # The program id attached at XDP on gw0, empty if none.
 xdp_prog() { ip -d link show dev gw0 | sed -n 's/.*prog\/xdp id \([0-9]*\).*/\1/p'; }
-# The bpf_link holding the XDP attachment on gw0.
-xdp_link() { bpftool link show | awk '/: xdp /{id=$1} /ifindex gw0/{sub(":","",id); print id}'; }
+# The bpf_link holding the XDP attachment on gw0 (XDP links print as flat JSON objects).
+xdp_link() {
+    bpftool -j link show | grep -o '{[^{}]*"type":"xdp"[^{}]*}' |
+        grep "\"ifindex\":$(cat /sys/class/net/gw0/ifindex)[,}]" | grep -o '"id":[0-9]*' | cut -d: -f2
+}
 ctl() { gatewayctl "$@"; }
 # gatewayctl -o json pretty-prints: `"key": value`.
 json_number() { grep -o "\"$1\": *[0-9]*" | head -n 1 | sed 's/.*: *//'; }
@@ -320,8 +323,10 @@ stop_then_teardown_cleans_up() {
 
 # --- gatewayd's node encryption on a kernel that has WireGuard and ESP -----------------------
 
-# start_gatewayd EXTRA_TOML: the lab config plus EXTRA_TOML, started by systemd.
+# start_gatewayd EXTRA_TOML: the lab config plus EXTRA_TOML, started by systemd from a clean
+# slate (whatever an earlier check left is torn down under the config that made it).
 start_gatewayd() {
+    stop_gatewayd
     printf '%s\n\n%s\n' "$GOOD_CONFIG" "$1" >"$CONFIG"
     cat "$CONFIG"
     systemctl start gatewayd || { journalctl -u gatewayd -n 30 --no-pager; fail "gatewayd did not start"; }
@@ -356,7 +361,8 @@ allowed_ips = [\"10.98.1.2/32\"]"
     echo "$status"
     [ "$(echo "$status" | json_string implementation)" = kernel ] || fail "auto did not choose the kernel module"
     ip -d link show gwd-wg0 | grep -q 'wireguard' || fail "gwd-wg0 is not a kernel WireGuard device"
-    gateway_key=$(echo "$status" | json_string public_key)
+    gateway_key=$(wg show gwd-wg0 public-key)
+    echo "$status" | grep -q "\"public_key\": *\"$gateway_key\"" || fail "gatewayctl does not show the device's key"
     in_ns node ip link add wg0 type wireguard
     in_ns node wg set wg0 private-key /run/node.key listen-port 51820 \
         peer "$gateway_key" endpoint 10.77.0.1:51820 allowed-ips 10.98.1.1/32
