@@ -141,6 +141,8 @@ setup_topology() {
 }
 
 cleanup() {
+    # One pid per line: word splitting is what is wanted here.
+    # shellcheck disable=SC2046
     [ -f /run/gd-pids ] && kill $(cat /run/gd-pids) 2>/dev/null
     rm -rf "$DROPINS"
     systemctl daemon-reload
@@ -481,7 +483,7 @@ count() {
 # underlay carries only WireGuard UDP, no ICMP in clear.
 wireguard_kernel_encrypts() {
     pair wga wgb 10.99.0
-    local ns peer
+    local ns
     for ns in wga wgb; do
         in_ns "$ns" ip link add wg0 type wireguard
         wg genkey >"/run/$ns.key"
@@ -508,7 +510,7 @@ wireguard_kernel_encrypts() {
 # addresses; the ping is carried as ESP, and the states count what they protected.
 ipsec_esp_kernel_encrypts() {
     pair ipa ipb 10.97.0
-    local key ns src dst
+    local key ns
     key=0x$(od -An -tx1 -N20 /dev/urandom | tr -d ' \n')
     for ns in ipa ipb; do
         in_ns "$ns" ip xfrm state add src 10.97.0.1 dst 10.97.0.2 proto esp spi 0x1001 \
