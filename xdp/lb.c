@@ -281,6 +281,9 @@ int gatewayd_lb(struct xdp_md *ctx)
 		return gd_drop(GD_REASON_ENCAP_FAILED_DROP, len, &pkt, svc_id);
 	if (pkt.vlans)
 		return gd_verdict(GD_REASON_VLAN_PASS, len, XDP_PASS);
+	/* IPsec: only the kernel's path applies the XFRM policies that encrypt the packet. */
+	if (settings->flags & GD_LB_F_KERNEL_ROUTE)
+		return gd_verdict(GD_REASON_KERNEL_ROUTE_PASS, len, XDP_PASS);
 	/* The stack forwards this one and resolves the neighbour for the next packets. */
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
 		return gd_verdict(GD_REASON_FIB_NO_NEIGH_PASS, len, XDP_PASS);

@@ -263,6 +263,45 @@ fn boringtun_gateway_and_wireguard_go_nodes_encrypt_and_follow_peer_changes() ->
         "node a's counters kept running (a re-added peer starts from 0): {peer_a}"
     );
 
+    // Node b gains a network: b is updated (boringtun re-adds it), a is not touched.
+    let tx_before = peer_a["tx_bytes"].as_u64().unwrap_or(0);
+    let b_grown = b.peer_toml("node-b").replace("\"]\n", "\", \"10.92.0.0/24\"]\n");
+    reload(
+        &mut daemon,
+        &scratch,
+        &gateway_config(&scratch, &wg_if, &format!("{}{b_grown}", a.peer_toml("node-a"))),
+    )?;
+    let allowed = stdout(&gw.exec(&["wg", "show", &wg_if, "allowed-ips"])?);
+    let b_line = allowed
+        .lines()
+        .find(|l| l.starts_with(&b.public_key))
+        .ok_or_else(|| anyhow!("no node b in {allowed}"))?;
+    assert!(
+        b_line.contains("10.92.0.0/24") && b_line.contains(&b.pod_cidr),
+        "{allowed}"
+    );
+    let a_line = allowed
+        .lines()
+        .find(|l| l.starts_with(&a.public_key))
+        .unwrap_or_default();
+    assert!(
+        a_line.contains(&a.pod_cidr) && !a_line.contains("10.92."),
+        "{allowed}"
+    );
+    assert!(routes(&gw, &wg_if)?.contains(&"10.92.0.0/24".to_owned()));
+    wait_for(
+        "a ping to node b after its update",
+        Duration::from_secs(30),
+        || Ok(ping(&gw, &b.pod, 1).is_ok().then_some(())),
+    )?;
+    echo_transfer(&mut conn, 1 << 20)?;
+    let status = gatewayctl(&scratch, &["encryption", "status"])?;
+    let peer_a = peer_status(&status, &a.public_key).ok_or_else(|| anyhow!("no peer a in {status}"))?;
+    assert!(
+        peer_a["tx_bytes"].as_u64().unwrap_or(0) > tx_before,
+        "node a untouched by node b's update: {peer_a}"
+    );
+
     // Node a leaves the config: its route and its peer (session) go, node b stays.
     let config_b = gateway_config(&scratch, &wg_if, &b.peer_toml("node-b"));
     reload(&mut daemon, &scratch, &config_b)?;
@@ -594,7 +633,7 @@ fn rejected_reloads_mode_changes_and_restarts_of_the_userspace_tunnel() -> Resul
     assert_eq!(status["last_reload"]["ok"], false, "{status}");
     let message = status["last_reload"]["message"].as_str().unwrap_or_default();
     assert!(
-        message.contains(&a.pod_cidr) && message.contains("clash"),
+        message.contains(&a.pod_cidr) && message.contains("also in peers[0].allowed_ips"),
         "{message}"
     );
     let peers = stdout(&gw.exec(&["wg", "show", &wg_if, "peers"])?);
@@ -699,5 +738,121 @@ fn implementation_auto_falls_back_to_boringtun_and_kernel_needs_the_module() -> 
         );
         assert!(gw.exec(&["ip", "link", "show", &wg_if]).is_err());
     }
+    Ok(())
+}
+
+/// Egress through the tunnel: a node routes an outside destination into its tunnel to the
+/// gateway; the gateway's egress policy SNATs the decrypted pod traffic out of its egress
+/// interface, and the replies go back to the pod through the tunnel.
+#[test]
+fn egress_traffic_from_a_node_arrives_and_returns_through_the_tunnel() -> Result<()> {
+    if !require_root("egress_traffic_from_a_node_arrives_and_returns_through_the_tunnel") {
+        return Ok(());
+    }
+    const EGRESS_IP: &str = "10.75.0.1";
+    const OUTSIDE: &str = "10.75.0.2";
+    let gw = Netns::new("gdeg")?;
+    let scratch = Scratch::new()?;
+    let underlay = unique("uga");
+    let node = Node::new(&gw, &scratch, 1, &underlay)?;
+    let outside = Netns::new("gdeo")?;
+    let egress_if = unique("egr");
+    veth(
+        &gw,
+        &egress_if,
+        &[&format!("{EGRESS_IP}/24")],
+        &outside,
+        "eth0",
+        &[&format!("{OUTSIDE}/24")],
+    )?;
+    gw.sysctl("net.ipv4.ip_forward", "1")?;
+    let _server = PeerServer::start(&outside, &[format!("{OUTSIDE}:7000").parse()?], &[])?;
+
+    let wg_if = unique("gwg");
+    let config = format!(
+        r#"{daemon}
+[[egress_policies]]
+name = "outside"
+source_cidrs = ["{pods}"]
+destination_cidrs = ["10.75.0.0/24"]
+egress_interface = "{egress_if}"
+egress_ip = "{EGRESS_IP}"
+
+[encryption]
+mode = "wireguard"
+
+[encryption.wireguard]
+interface = "{wg_if}"
+implementation = "userspace"
+address = "{GW_TUNNEL}/24"
+
+{peer}"#,
+        daemon = scratch.daemon_table(),
+        pods = node.pod_cidr,
+        peer = node.peer_toml("node")
+    );
+    let path = scratch.write("gatewayd.toml", &config)?;
+    let mut daemon = Daemon::spawn(&gw, &scratch, &path)?;
+    daemon.wait_notify("READY=1", READY_TIMEOUT)?;
+    let status = gatewayctl(&scratch, &["encryption", "status"])?;
+    let gateway_key = status["wireguard"]["public_key"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    // The node sends the egress destinations to the gateway through its tunnel, from the pod.
+    node.ns.exec(&[
+        "wg",
+        "set",
+        &node.wg.ifname,
+        "peer",
+        &gateway_key,
+        "endpoint",
+        &format!("{}:{WG_PORT}", node.gateway_underlay),
+        "allowed-ips",
+        "10.99.0.0/24,10.75.0.0/24",
+    ])?;
+    node.ns.exec(&[
+        "ip",
+        "route",
+        "add",
+        "10.75.0.0/24",
+        "dev",
+        &node.wg.ifname,
+        "src",
+        &node.pod,
+    ])?;
+
+    let capture = Capture::start(&gw, &underlay, "", scratch.path("underlay.pcap"))?;
+    let server: SocketAddr = format!("{OUTSIDE}:7000").parse()?;
+    let seen = wait_for(
+        "a connection from the pod to the outside",
+        Duration::from_secs(30),
+        || {
+            let Ok(mut conn) = node.ns.tcp_connect(server, Duration::from_secs(3)) else {
+                return Ok(None);
+            };
+            Ok(tcp_exchange(&mut conn, "hello", Duration::from_secs(5)).ok())
+        },
+    )?;
+    let seen: SocketAddr = seen.parse()?;
+    assert_eq!(
+        seen.ip().to_string(),
+        EGRESS_IP,
+        "the outside sees the egress address"
+    );
+    let mut conn = node.ns.tcp_connect(server, Duration::from_secs(10))?;
+    for i in 0..20 {
+        tcp_exchange(&mut conn, &format!("line {i}"), Duration::from_secs(10))?;
+    }
+    let file = capture.stop()?;
+    assert!(!pcap_read(&file, &format!("udp port {WG_PORT}"))?.is_empty());
+    let plain = pcap_read(&file, &format!("ip and not udp port {WG_PORT} and not igmp"))?;
+    assert!(
+        plain.is_empty(),
+        "the pod's traffic crossed the underlay only inside the tunnel:\n{}",
+        plain.join("\n")
+    );
+    let policy = gatewayctl(&scratch, &["egress", "list"])?;
+    assert!(policy[0]["packets_out"].as_u64().unwrap_or(0) > 20, "{policy}");
     Ok(())
 }

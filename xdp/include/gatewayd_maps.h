@@ -138,9 +138,15 @@ struct gd_lb_settings {
 	__u8 src4_hostmask[4];
 	__u8 src6[16];
 	__u8 src6_hostmask[16];
-	__u32 flags;
+	__u32 flags; /* GD_LB_F_* */
 	__u32 pad;
 };
+
+/*
+ * Every encapsulated packet is routed by the kernel instead of transmitted from XDP: set in
+ * IPsec mode, because XFRM policies (encryption) apply only on the kernel's path.
+ */
+#define GD_LB_F_KERNEL_ROUTE (1u << 0)
 
 /*
  * gd_service_stats (index service_id) and gd_backend_stats (index backend_id): PERCPU_ARRAY,
@@ -176,7 +182,8 @@ struct gd_traffic_counters {
 #define GD_REASON_RNAT_MISS_PASS 16	/* egress: to an egress address, no live NAT mapping */
 #define GD_REASON_EGRESS_UNSUPPORTED_PASS 17 /* egress: selected by a policy, not translatable */
 #define GD_REASON_L3_DEVICE_PASS 18 /* backend routed via a device without MACs (WireGuard): stack */
-#define GD_REASON_MAX 19
+#define GD_REASON_KERNEL_ROUTE_PASS 19 /* GD_LB_F_KERNEL_ROUTE (IPsec): encapsulated, to the stack */
+#define GD_REASON_MAX 20
 
 struct gd_reason_counters {
 	__u64 packets;

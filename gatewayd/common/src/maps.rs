@@ -32,7 +32,7 @@ pub const MAX_AFFINITY: u32 = 262_144;
 pub const MAX_SOURCE_RANGES: u32 = 65536;
 
 /// Names of the `gd_reasons` slots, in `GD_REASON_*` order.
-pub const REASON_NAMES: [&str; 19] = [
+pub const REASON_NAMES: [&str; 20] = [
     "non_vip_pass",
     "malformed_pass",
     "fragment_drop",
@@ -52,6 +52,7 @@ pub const REASON_NAMES: [&str; 19] = [
     "rnat_miss_pass",
     "egress_unsupported_pass",
     "l3_device_pass",
+    "kernel_route_pass",
 ];
 pub const REASON_MAX: u32 = REASON_NAMES.len() as u32;
 
@@ -154,6 +155,10 @@ pub struct SourceRangeData {
     pub pad: [u8; 3],
     pub addr: [u8; 16],
 }
+
+/// `LbSettings::flags`: every encapsulated packet is routed by the kernel (IPsec mode: XFRM
+/// applies only on the kernel's path). GD_LB_F_KERNEL_ROUTE.
+pub const LB_F_KERNEL_ROUTE: u32 = 1 << 0;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -186,11 +186,15 @@ impl Daemon {
         // Every plan is made before the first write: a rejected change touches nothing.
         let (ops, next) = self.programmed.plan(&config.desired.services, &params)?;
         let (egress_compiled, egress_ops) = self.egress.plan(&config.desired.egress_policies)?;
-        let settings = lb_maps::lb_settings(
+        let mut settings = lb_maps::lb_settings(
             s.lb.encap_source_v4
                 .or_else(|| self.default_source(config, false)),
             s.lb.encap_source_v6.or_else(|| self.default_source(config, true)),
         );
+        if s.encryption.mode == crate::config::EncryptionMode::Ipsec {
+            // XDP transmission would bypass the XFRM policies: the kernel routes (and encrypts).
+            settings.flags |= gatewayd_common::maps::LB_F_KERNEL_ROUTE;
+        }
         if let Err(e) = self.lb.set_settings(&settings).and_then(|_| self.lb.apply(&ops)) {
             // The maps are what the datapath uses: re-read them so the next plan starts from the
             // truth, then report.

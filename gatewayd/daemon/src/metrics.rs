@@ -431,3 +431,87 @@ pub async fn serve(listen: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
     });
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render_encryption(status: api::EncryptionStatus) -> String {
+        let metrics = Metrics::new(PathBuf::new());
+        metrics.publish_encryption(status);
+        let mut registry = Registry::with_prefix("gatewayd");
+        metrics.register_encryption(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text
+    }
+
+    #[test]
+    fn wireguard_peers_are_labelled_and_a_peer_without_handshake_has_no_age() {
+        let peer = |name: &str, age: Option<u64>| api::WireGuardPeerStatus {
+            name: name.into(),
+            public_key: format!("{name}-key"),
+            endpoint: None,
+            allowed_ips: vec![],
+            handshake_age_seconds: age,
+            rx_bytes: 10,
+            tx_bytes: 20,
+        };
+        let text = render_encryption(api::EncryptionStatus {
+            mode: "wireguard".into(),
+            wireguard: Some(api::WireGuardStatus {
+                interface: "gwd-wg0".into(),
+                implementation: "userspace".into(),
+                public_key: "pub".into(),
+                listen_port: 51820,
+                peers: vec![peer("a", Some(7)), peer("b", None)],
+            }),
+            ipsec: None,
+        });
+        let labels = |p: &str| format!("{{interface=\"gwd-wg0\",peer=\"{p}\",public_key=\"{p}-key\"}}");
+        assert!(
+            text.contains(&format!(
+                "gatewayd_wireguard_peer_handshake_age_seconds{} 7",
+                labels("a")
+            )),
+            "{text}"
+        );
+        assert!(!text.contains(&format!(
+            "gatewayd_wireguard_peer_handshake_age_seconds{}",
+            labels("b")
+        )));
+        assert!(text.contains(&format!(
+            "gatewayd_wireguard_peer_rx_bytes_total{} 10",
+            labels("b")
+        )));
+        assert!(text.contains(&format!(
+            "gatewayd_wireguard_peer_tx_bytes_total{} 20",
+            labels("a")
+        )));
+        assert!(!text.contains("ipsec"));
+    }
+
+    #[test]
+    fn ipsec_counts_and_current_key_are_exported() {
+        let text = render_encryption(api::EncryptionStatus {
+            mode: "ipsec".into(),
+            wireguard: None,
+            ipsec: Some(api::IpsecStatus {
+                local_address: "192.0.2.1".into(),
+                current_key_id: 4,
+                installed_key_ids: vec![3, 4],
+                states: 8,
+                policies: 6,
+                peers: vec!["a".into()],
+            }),
+        });
+        for line in [
+            "gatewayd_ipsec_states 8",
+            "gatewayd_ipsec_policies 6",
+            "gatewayd_ipsec_current_key_id 4",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in {text}");
+        }
+        assert!(!text.contains("wireguard"));
+    }
+}

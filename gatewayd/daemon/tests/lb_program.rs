@@ -1154,6 +1154,39 @@ fn too_big_ipv6_gets_packet_too_big_with_the_inner_mtu() {
     assert_reasons(&lb, &[("too_big_icmp", reason(4, bytes))]);
 }
 
+#[test]
+fn in_ipsec_mode_encapsulated_packets_are_routed_by_the_kernel() {
+    let Some((topo, mut lb)) = fixture("in_ipsec_mode_encapsulated_packets_are_routed_by_the_kernel") else {
+        return;
+    };
+    let b4 = uplink_backend4(10);
+    let b6 = uplink_backend6(10);
+    lb.serve(&[
+        service(VIP4, 80, Protocol::Tcp, &active(&[b4])),
+        service(VIP6, 80, Protocol::Tcp, &active(&[b6])),
+    ])
+    .unwrap();
+    let mut settings = gatewayd::datapath::lb_maps::lb_settings(
+        Some(format!("{GW4}/32").parse().unwrap()),
+        Some(format!("{GW6}/128").parse().unwrap()),
+    );
+    settings.flags |= gatewayd_common::maps::LB_F_KERNEL_ROUTE;
+    lb.lb.set_settings(&settings).unwrap();
+    // The backend's MAC is known, yet the packet goes to the kernel, whose XFRM policies
+    // encrypt it: XDP transmission would send it in the clear.
+    let mut bytes = 0;
+    for (pkt, backend) in [
+        (Pkt::tcp(CLIENT4, 40000, VIP4, 80), b4),
+        (Pkt::tcp(CLIENT6, 40000, VIP6, 80), b6),
+    ] {
+        let f = pkt.frame();
+        let out = topo.run(lb.program(), &f).unwrap();
+        assert_encapsulated(&out, &pkt, &Encap::ipip(XDP_PASS, backend));
+        bytes += f.len();
+    }
+    assert_reasons(&lb, &[("kernel_route_pass", reason(2, bytes))]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // VLAN
 // ---------------------------------------------------------------------------------------------

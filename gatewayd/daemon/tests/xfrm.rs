@@ -65,7 +65,12 @@ fn policies_and_states_are_installed_found_and_removed_by_request_id() -> Result
                 assert!(listed.contains(&format!("src {net} dst 0.0.0.0/0")), "{listed}");
             }
             assert!(listed.contains("tmpl src 192.0.2.1 dst 192.0.2.2"), "{listed}");
-            assert_eq!(xfrm.installed().await?.1.len(), 6);
+            let (_, found) = xfrm.installed().await?;
+            assert_eq!(
+                found.into_iter().collect::<std::collections::BTreeSet<_>>(),
+                policies,
+                "the dump reads back exactly the policies installed"
+            );
 
             // Someone else's policy: never touched by gatewayd's cleanup.
             let foreign = Command::new("ip")
@@ -94,7 +99,9 @@ fn policies_and_states_are_installed_found_and_removed_by_request_id() -> Result
                     }
                 }
             }
-            assert_eq!(xfrm.installed().await?.0.len(), installed_states);
+            let (found, _) = xfrm.installed().await?;
+            assert_eq!(found.len(), installed_states);
+            assert!(found.iter().all(|s| states.contains(s)), "{found:?}");
             if installed_states > 0 {
                 let listed = ip_xfrm("state")?;
                 assert!(listed.contains("rfc4106(gcm(aes))"), "{listed}");

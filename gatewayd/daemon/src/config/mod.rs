@@ -671,15 +671,20 @@ allowed_ips = ["10.244.0.0/24"]
     }
 
     #[test]
-    fn wireguard_peers_need_distinct_keys() {
+    fn wireguard_peers_need_distinct_keys_and_networks() {
         let key = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
         let text = format!(
             "[encryption]\nmode = \"wireguard\"\n\n[[peers]]\nname = \"a\"\npublic_key = \"{key}\"\n\n\
-             [[peers]]\nname = \"b\"\npublic_key = \"{key}\"\n\n[[peers]]\nname = \"c\"\n"
+             [[peers]]\nname = \"b\"\npublic_key = \"{key}\"\nallowed_ips = [\"10.1.0.0/16\"]\n\n\
+             [[peers]]\nname = \"c\"\nallowed_ips = [\"10.1.0.0/16\"]\n"
         );
         let shown: Vec<String> = errors(&text).iter().map(|e| e.to_string()).collect();
-        assert_eq!(shown.len(), 2, "{shown:#?}");
+        assert_eq!(shown.len(), 3, "{shown:#?}");
         assert!(shown[0].contains("peers[1].public_key") && shown[0].contains("same key as peers[0]"));
         assert!(shown[1].contains("peers[2].public_key: required"));
+        assert!(
+            shown[2].contains("peers[2].allowed_ips") && shown[2].contains("also in peers[1].allowed_ips"),
+            "{shown:#?}"
+        );
     }
 }

@@ -688,6 +688,9 @@ fn encryption_settings(c: &mut Checker, raw: &RawEncryption, state_dir: &Path) -
 
 fn peers(c: &mut Checker, raw: &[RawPeer], mode: EncryptionMode) -> Vec<Peer> {
     let mut keys = HashMap::new();
+    // A network routed to two peers: WireGuard would give it to the last one, IPsec would
+    // install two policies for one selector.
+    let mut networks: HashMap<IpNet, usize> = HashMap::new();
     raw.iter()
         .enumerate()
         .map(|(i, r)| {
@@ -727,6 +730,15 @@ fn peers(c: &mut Checker, raw: &[RawPeer], mode: EncryptionMode) -> Vec<Peer> {
                 .as_deref()
                 .and_then(|e| c.parse(p("endpoint"), e, "an address:port"));
             let allowed_ips = c.cidrs(&p("allowed_ips"), &r.allowed_ips);
+            for net in &allowed_ips {
+                if let Some(first) = networks.insert(*net, i) {
+                    c.error(
+                        p("allowed_ips"),
+                        Some(net.to_string()),
+                        format!("also in peers[{first}].allowed_ips"),
+                    );
+                }
+            }
             Peer {
                 name: r.name.clone(),
                 public_key: r.public_key.clone().unwrap_or_default(),

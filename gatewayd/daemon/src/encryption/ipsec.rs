@@ -242,11 +242,9 @@ pub fn desired_xfrm(
             });
         }
         for net in &peer.allowed_ips {
-            // The tunnel endpoint itself stays outside the tunnel: its ESP packets, and whatever
-            // reaches it before its keys are in place, are not caught by its own policy.
-            if net.addr().is_ipv4() != local.is_ipv4()
-                || (net.addr() == remote && net.prefix_len() == net.max_prefix_len())
-            {
+            // The tunnel endpoint itself stays outside the tunnel (as with WireGuard): a network
+            // holding it would select the tunnel's own packets.
+            if net.addr().is_ipv4() != local.is_ipv4() || net.contains(&remote) {
                 continue;
             }
             policies.insert(PolicyId {
@@ -420,28 +418,17 @@ impl Xfrm {
         }
     }
 
-    /// States (as [`StateId`]) and policies (as (index, direction)) carrying [`REQID`], as the
-    /// kernel has them.
-    pub async fn installed(&self) -> Result<(Vec<StateId>, Vec<(u32, u8)>)> {
+    /// States and policies carrying [`REQID`], as the kernel has them.
+    pub async fn installed(&self) -> Result<(Vec<StateId>, Vec<PolicyId>)> {
         let mut states = Vec::new();
         let mut dump = self.handle.state().get_dump().execute();
         while let Some(s) = dump.try_next().await? {
             let info = &s.user_sa_info;
             if info.reqid == REQID {
-                let (src, dst) = if info.family == libc::AF_INET as u16 {
-                    (
-                        IpAddr::V4(info.saddr.to_ipv4()),
-                        IpAddr::V4(info.id.daddr.to_ipv4()),
-                    )
-                } else {
-                    (
-                        IpAddr::V6(info.saddr.to_ipv6()),
-                        IpAddr::V6(info.id.daddr.to_ipv6()),
-                    )
-                };
+                let v4 = info.family == libc::AF_INET as u16;
                 states.push(StateId {
-                    src,
-                    dst,
+                    src: address(&info.saddr, v4),
+                    dst: address(&info.id.daddr, v4),
                     spi: info.id.spi,
                 });
             }
@@ -449,13 +436,27 @@ impl Xfrm {
         let mut policies = Vec::new();
         let mut dump = self.handle.policy().get_dump().execute();
         while let Some(p) = dump.try_next().await? {
-            let ours = p.nlas.iter().any(|a| match a {
-                netlink_packet_xfrm::XfrmAttrs::Template(t) => t.iter().any(|t| t.reqid == REQID),
-                _ => false,
+            let template = p.nlas.iter().find_map(|a| match a {
+                netlink_packet_xfrm::XfrmAttrs::Template(t) => t.iter().find(|t| t.reqid == REQID),
+                _ => None,
             });
-            if ours {
-                policies.push((p.user_policy_info.index, p.user_policy_info.direction));
-            }
+            let Some(t) = template else { continue };
+            let sel = &p.user_policy_info.selector;
+            let v4 = sel.family == libc::AF_INET as u16;
+            let tunnel_v4 = t.family == libc::AF_INET as u16;
+            let (Ok(src), Ok(dst)) = (
+                IpNet::new(address(&sel.saddr, v4), sel.prefixlen_s),
+                IpNet::new(address(&sel.daddr, v4), sel.prefixlen_d),
+            ) else {
+                continue;
+            };
+            policies.push(PolicyId {
+                direction: p.user_policy_info.direction,
+                src,
+                dst,
+                tunnel_src: address(&t.saddr, tunnel_v4),
+                tunnel_dst: address(&t.id.daddr, tunnel_v4),
+            });
         }
         Ok((states, policies))
     }
@@ -464,14 +465,8 @@ impl Xfrm {
     /// installed, by this daemon or an earlier one.
     pub async fn remove_installed(&self) -> Result<()> {
         let (states, policies) = self.installed().await?;
-        for (index, direction) in &policies {
-            self.handle
-                .policy()
-                .delete_index(*index)
-                .direction(*direction)
-                .execute()
-                .await
-                .with_context(|| format!("removing XFRM policy index {index}"))?;
+        for p in &policies {
+            self.delete_policy(p).await?;
         }
         for s in &states {
             self.delete_state(*s).await?;
@@ -487,6 +482,14 @@ impl Xfrm {
     }
 }
 
+fn address(a: &Address, v4: bool) -> IpAddr {
+    if v4 {
+        IpAddr::V4(a.to_ipv4())
+    } else {
+        IpAddr::V6(a.to_ipv6())
+    }
+}
+
 pub struct Ipsec {
     settings: IpsecSettings,
     local: IpAddr,
@@ -496,6 +499,8 @@ pub struct Ipsec {
     current: u8,
     states: BTreeSet<StateId>,
     policies: BTreeSet<PolicyId>,
+    /// Key ids of states a previous daemon left, until the first plan knows their keys.
+    adopted_key_ids: BTreeSet<u8>,
     peers: Vec<Peer>,
     xfrm: Xfrm,
 }
@@ -516,20 +521,30 @@ impl Ipsec {
         let local = settings
             .local_address
             .context("encryption.ipsec.local_address is not set")?;
+        let xfrm = Xfrm::open()?;
+        // What a previous daemon left stays in force (removing it first would let traffic out
+        // in the clear until the new states are in): the first plan keeps what it still wants
+        // and removes the rest, after installing what is missing.
+        let (states, policies) = xfrm.installed().await?;
         let ipsec = Ipsec {
             settings: settings.clone(),
             local,
             file: None,
             keys: BTreeMap::new(),
             current: 0,
-            states: BTreeSet::new(),
-            policies: BTreeSet::new(),
+            adopted_key_ids: states.iter().filter_map(|s| u8::try_from(s.spi).ok()).collect(),
+            states: states.into_iter().collect(),
+            policies: policies.into_iter().collect(),
             peers: Vec::new(),
-            xfrm: Xfrm::open()?,
+            xfrm,
         };
-        // A previous daemon's states carry keys this one may no longer have (and maybe its
-        // probe): start clean; the first apply installs the current ones at once.
-        ipsec.xfrm.remove_installed().await?;
+        if !ipsec.states.is_empty() || !ipsec.policies.is_empty() {
+            info!(
+                states = ipsec.states.len(),
+                policies = ipsec.policies.len(),
+                "adopted the IPsec states and policies of a previous daemon"
+            );
+        }
         ipsec.probe_esp().await?;
         Ok(ipsec)
     }
@@ -566,7 +581,18 @@ impl Ipsec {
     }
 
     fn plan_with(&self, file: KeyFile, peers: &[Peer], now: u64) -> Result<IpsecPlan> {
-        let keys = plan_keys(&self.keys, &file, now, self.settings.rotation_overlap)?;
+        // Adopted states whose key is still in the file stay (and retire like any old key);
+        // the others are removed by the plan.
+        let mut installed = self.keys.clone();
+        for id in &self.adopted_key_ids {
+            if let Some(psk) = file.get(*id) {
+                installed.entry(*id).or_insert_with(|| InstalledKey {
+                    psk: psk.to_vec(),
+                    retire_at: None,
+                });
+            }
+        }
+        let keys = plan_keys(&installed, &file, now, self.settings.rotation_overlap)?;
         let (states, policies) = desired_xfrm(self.local, peers, keys.keys.keys().copied());
         Ok(IpsecPlan {
             file,
@@ -611,6 +637,7 @@ impl Ipsec {
             );
         }
         self.file = Some(plan.file);
+        self.adopted_key_ids.clear();
         self.keys = plan.keys.keys;
         self.current = plan.keys.current;
         self.peers = plan.peers;
@@ -805,7 +832,11 @@ mod tests {
     fn each_peer_gets_states_per_key_and_policies_per_network() {
         let local = ip("192.0.2.1");
         let peers = [
-            peer("a", "192.0.2.2:0", &["10.244.1.0/24", "192.0.2.2/32"]),
+            peer(
+                "a",
+                "192.0.2.2:0",
+                &["10.244.1.0/24", "192.0.2.2/32", "192.0.2.0/24"],
+            ),
             peer("v6", "[fd00::2]:0", &["fd00:244::/64"]),
         ];
         let (states, policies) = desired_xfrm(local, &peers, [1u8, 2]);
@@ -820,7 +851,8 @@ mod tests {
             dst: local,
             spi: 1
         }));
-        // out, in, fwd for the pod network; the endpoint's own /32 and the other family: none.
+        // out, in, fwd for the pod network; networks holding the endpoint, and the other
+        // family: none.
         assert_eq!(policies.len(), 3, "{policies:?}");
         let out = policies.iter().find(|p| p.direction == XFRM_POLICY_OUT).unwrap();
         assert_eq!(

@@ -70,6 +70,8 @@ impl Drop for UapiSocket {
 }
 
 fn relay(listener: UnixListener, device: UnixStream, stop: &AtomicBool) {
+    // A device that stopped answering must not hang the relay (and the daemon's stop with it).
+    let _ = device.set_read_timeout(Some(std::time::Duration::from_secs(5)));
     let Ok(mut device_writer) = device.try_clone() else {
         return;
     };
@@ -95,6 +97,13 @@ fn exchange(client: &UnixStream, device: &mut UnixStream, answers: &mut BufReade
     }
     device.write_all(request.as_bytes())?;
     let answer = read_block(answers).context("reading the device's answer")?;
+    // boringtun adds `own_public_key`, which is not in the protocol: wireguard-control prints
+    // "got unsupported info" to stdout for it on every read. Clients derive the public key
+    // from the private one anyway.
+    let answer: String = answer
+        .split_inclusive('\n')
+        .filter(|line| !line.starts_with("own_public_key="))
+        .collect();
     (&*client).write_all(answer.as_bytes())?;
     Ok(())
 }

@@ -68,8 +68,10 @@ impl PeerPlan {
 }
 
 /// Diffs the programmed peers and routes against the desired peers. Pure; rejects a peer set
-/// the device could not hold faithfully (no key, a key twice, an allowed IP claimed twice: the
-/// device would silently give it to the last peer).
+/// the device could not hold faithfully (a key twice, an allowed IP claimed twice: the device
+/// would silently give it to the last peer). A peer without a key (from a source that also
+/// feeds IPsec, such as a Node without a key annotation) cannot be a WireGuard peer: it is
+/// left out with a warning, the others are programmed.
 pub fn plan(
     programmed: &BTreeMap<String, PeerSpec>,
     routes: &BTreeSet<IpNet>,
@@ -80,9 +82,17 @@ pub fn plan(
     let mut wanted_routes = BTreeSet::new();
     for p in desired {
         if p.public_key.is_empty() {
-            bail!("peer {:?} has no WireGuard public key", p.name);
+            warn!(peer = p.name, "peer has no WireGuard public key: left out");
+            continue;
         }
-        Key::from_base64(&p.public_key).map_err(|_| anyhow!("peer {:?}: invalid public key", p.name))?;
+        if Key::from_base64(&p.public_key).is_err() {
+            warn!(
+                peer = p.name,
+                key = p.public_key,
+                "not a WireGuard public key: peer left out"
+            );
+            continue;
+        }
         for net in &p.allowed_ips {
             if let Some(other) = owner.insert(*net, &p.name) {
                 bail!("allowed IP {net} is claimed by peers {other:?} and {:?}", p.name);
@@ -192,7 +202,7 @@ impl WireGuard {
             .interface
             .parse()
             .map_err(|e| anyhow!("interface {:?}: {e}", settings.interface))?;
-        let device = create_device(settings, &netlink).await?;
+        let (device, created) = create_device(settings, &netlink).await?;
         let ifindex = nix::net::if_::if_nametoindex(settings.interface.as_str())
             .with_context(|| format!("the WireGuard interface {} vanished", settings.interface))?;
         let mut wg = WireGuard {
@@ -205,13 +215,14 @@ impl WireGuard {
             routes: BTreeSet::new(),
             netlink,
         };
-        DeviceUpdate::new()
-            .set_private_key(private_key)
-            .set_listen_port(settings.listen_port)
-            .apply(&wg.iface, wg.backend())
-            .with_context(|| format!("configuring {}", settings.interface))?;
-        wg.configure_link().await?;
-        wg.adopt().await?;
+        if let Err(e) = wg.configure(private_key).await {
+            // Nothing half-made stays: a kernel device this start created goes (a boringtun
+            // device goes when `wg` is dropped).
+            if created && matches!(wg.device, Device::Kernel) {
+                let _ = wg.netlink.link().del(wg.ifindex).execute().await;
+            }
+            return Err(e);
+        }
         info!(
             interface = settings.interface,
             implementation = wg.implementation(),
@@ -222,8 +233,15 @@ impl WireGuard {
         Ok(wg)
     }
 
-    pub fn settings(&self) -> &WireGuardSettings {
-        &self.settings
+    /// Key and port, link up, and the peers and routes already there.
+    async fn configure(&mut self, private_key: Key) -> Result<()> {
+        DeviceUpdate::new()
+            .set_private_key(private_key)
+            .set_listen_port(self.settings.listen_port)
+            .apply(&self.iface, self.backend())
+            .with_context(|| format!("configuring {}", self.settings.interface))?;
+        self.configure_link().await?;
+        self.adopt().await
     }
 
     fn backend(&self) -> Backend {
@@ -286,8 +304,8 @@ impl WireGuard {
                 },
             );
         }
-        for family in [false, true] {
-            let request = if family {
+        for v6 in [false, true] {
+            let request = if v6 {
                 RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
             } else {
                 RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
@@ -317,10 +335,9 @@ impl WireGuard {
 
     /// Executes a plan made by [`WireGuard::plan`]: the device first, then the routes.
     pub async fn apply(&mut self, plan: PeerPlan) -> Result<()> {
-        let mut update = DeviceUpdate::new();
+        let key = |k: &str| Key::from_base64(k).map_err(|_| anyhow!("invalid key {k}"));
         let peer_config = |p: &PeerSpec| -> Result<PeerConfigBuilder> {
-            let key = Key::from_base64(&p.public_key).map_err(|_| anyhow!("invalid key"))?;
-            let mut b = PeerConfigBuilder::new(&key).replace_allowed_ips();
+            let mut b = PeerConfigBuilder::new(&key(&p.public_key)?).replace_allowed_ips();
             if let Some(endpoint) = p.endpoint {
                 b = b.set_endpoint(endpoint);
             }
@@ -329,26 +346,45 @@ impl WireGuard {
             }
             Ok(b)
         };
-        for key in &plan.remove {
-            update = update.remove_peer_by_key(&Key::from_base64(key).map_err(|_| anyhow!("invalid key"))?);
-        }
-        for p in &plan.change {
-            if matches!(self.device, Device::Userspace(_)) {
-                // boringtun cannot modify a peer in place (it panics): remove and add it again,
-                // which restarts this peer's session only.
-                update = update.remove_peer_by_key(
-                    &Key::from_base64(&p.public_key).map_err(|_| anyhow!("invalid key"))?,
-                );
-            }
-            update = update.add_peer(peer_config(p)?);
-        }
-        for p in &plan.add {
-            update = update.add_peer(peer_config(p)?);
-        }
-        if !(plan.add.is_empty() && plan.change.is_empty() && plan.remove.is_empty()) {
+        let set = |update: DeviceUpdate| {
             update
                 .apply(&self.iface, self.backend())
-                .with_context(|| format!("configuring the peers of {}", self.settings.interface))?;
+                .with_context(|| format!("configuring the peers of {}", self.settings.interface))
+        };
+        match self.device {
+            Device::Kernel => {
+                // One batch; a changed peer is updated in place, its session kept.
+                let mut update = DeviceUpdate::new();
+                for k in &plan.remove {
+                    update = update.remove_peer_by_key(&key(k)?);
+                }
+                for p in plan.change.iter().chain(&plan.add) {
+                    update = update.add_peer(peer_config(p)?);
+                }
+                if !(plan.add.is_empty() && plan.change.is_empty() && plan.remove.is_empty()) {
+                    set(update)?;
+                }
+            }
+            Device::Userspace(_) => {
+                // boringtun 0.7 carries a peer section's settings (remove, endpoint, ...) over
+                // into the next section of the same request, and panics (killing a worker
+                // thread) when asked to modify a peer: one request per peer, and a changed
+                // peer is removed and added again (its session restarts, no other's does). A
+                // new peer is removed first as well, a no-op unless someone added it behind
+                // gatewayd's back with `wg set`, so an add is never a modification.
+                for k in plan
+                    .remove
+                    .iter()
+                    .chain(plan.change.iter().chain(&plan.add).map(|p| &p.public_key))
+                {
+                    set(DeviceUpdate::new().remove_peer_by_key(&key(k)?))?;
+                }
+                for p in plan.change.iter().chain(&plan.add) {
+                    set(DeviceUpdate::new().add_peer(peer_config(p)?))?;
+                }
+            }
+        }
+        if !(plan.add.is_empty() && plan.change.is_empty() && plan.remove.is_empty()) {
             info!(
                 added = plan.add.len(),
                 changed = plan.change.len(),
@@ -512,7 +548,8 @@ async fn link_kind(netlink: &Handle, name: &str) -> Result<Option<String>> {
     }
 }
 
-async fn create_device(settings: &WireGuardSettings, netlink: &Handle) -> Result<Device> {
+/// The device, and whether this call created it (false: a kernel device adopted).
+async fn create_device(settings: &WireGuardSettings, netlink: &Handle) -> Result<(Device, bool)> {
     let name = settings.interface.as_str();
     match link_kind(netlink, name).await? {
         Some(kind) if kind == "wireguard" => {
@@ -520,7 +557,7 @@ async fn create_device(settings: &WireGuardSettings, netlink: &Handle) -> Result
                 bail!("{name} exists as a kernel WireGuard device; delete it (ip link del {name}) or set implementation = \"kernel\"");
             }
             info!(interface = name, "adopting the existing kernel WireGuard device");
-            return Ok(Device::Kernel);
+            return Ok((Device::Kernel, false));
         }
         Some(kind) => {
             bail!("interface {name} already exists and is not gatewayd's WireGuard device (kind {kind:?})")
@@ -534,7 +571,7 @@ async fn create_device(settings: &WireGuardSettings, netlink: &Handle) -> Result
             .execute()
             .await
         {
-            Ok(()) => return Ok(Device::Kernel),
+            Ok(()) => return Ok((Device::Kernel, true)),
             Err(e) if settings.implementation == WireGuardImplementation::Kernel => {
                 bail!("cannot create a kernel WireGuard device {name} (is the wireguard module available? CONFIG_WIREGUARD): {e}")
             }
@@ -544,7 +581,7 @@ async fn create_device(settings: &WireGuardSettings, netlink: &Handle) -> Result
             ),
         }
     }
-    Ok(Device::Userspace(start_boringtun(name)?))
+    Ok((Device::Userspace(start_boringtun(name)?), true))
 }
 
 fn start_boringtun(name: &str) -> Result<Userspace> {
@@ -698,7 +735,7 @@ mod tests {
     }
 
     #[test]
-    fn ambiguous_peer_sets_are_rejected() {
+    fn ambiguous_peer_sets_are_rejected_and_keyless_peers_left_out() {
         let none = BTreeMap::new();
         let routes = BTreeSet::new();
         let dup_key = [peer("a", 1, None, &[]), peer("b", 1, None, &[])];
@@ -715,12 +752,15 @@ mod tests {
             e.contains("10.1.0.0/16") && e.contains("\"a\"") && e.contains("\"b\""),
             "{e}"
         );
-        let mut keyless = peer("c", 3, None, &[]);
+        let mut keyless = peer("c", 3, None, &["10.3.0.0/16"]);
         keyless.public_key.clear();
-        assert!(plan(&none, &routes, &[keyless])
-            .unwrap_err()
-            .to_string()
-            .contains("no WireGuard public key"));
+        let p = plan(&none, &routes, &[keyless, peer("d", 4, None, &[])]).unwrap();
+        assert_eq!(
+            p.add.len(),
+            1,
+            "the keyless peer is left out, the other programmed"
+        );
+        assert!(p.routes_add.is_empty());
     }
 
     #[test]
