@@ -417,18 +417,7 @@ async fn handle(
             watch_collection(shared, target, params)
         }
         (Method::GET, None) => list(&shared, &target, &params),
-        (Method::GET, Some(name)) => {
-            let store = shared.store.lock().expect("store");
-            let key = (target.namespace.clone().unwrap_or_default(), name.clone());
-            match store
-                .collections
-                .get(&target.key)
-                .and_then(|c| c.objects.get(&key))
-            {
-                Some(o) => axum::Json(o.clone()).into_response(),
-                None => status(StatusCode::NOT_FOUND, "NotFound", format!("{name} not found")),
-            }
-        }
+        (Method::GET, Some(name)) => get_object(&shared, &target, name),
         (Method::PATCH | Method::PUT, Some(name)) => {
             let Ok(update) = serde_json::from_slice::<Value>(&body) else {
                 return status(StatusCode::BAD_REQUEST, "BadRequest", "body is not JSON".into());
@@ -467,6 +456,11 @@ fn update_object(shared: &Shared, target: &Target, name: &str, update: Value) ->
         Some(object)
     });
     // The stored object carries the stamped version: read it back.
+    get_object(shared, target, name)
+}
+
+/// One object as stored, or 404.
+fn get_object(shared: &Shared, target: &Target, name: &str) -> Response {
     let store = shared.store.lock().expect("store");
     let key = (target.namespace.clone().unwrap_or_default(), name.to_owned());
     match store
