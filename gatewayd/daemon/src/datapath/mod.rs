@@ -21,7 +21,7 @@ use aya::{Ebpf, EbpfLoader};
 use gatewayd_common::api::AttachedProgram;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// The compiled programs of `xdp/`, embedded by build.rs.
 pub mod objects {
@@ -417,7 +417,9 @@ fn sync_link(program: &mut Program, interface: &str, hook: Hook, pin: &Path) -> 
             FdLink::from(PinnedLink::from_pin(pin).with_context(|| format!("opening {}", pin.display()))?);
         let old = link.info()?.program_id();
         if live && old == program_id {
-            info!(
+            // Every apply (each reload, each cluster update) re-checks every link: an
+            // unchanged one is not news. The program's adoption at start is logged at info.
+            debug!(
                 interface,
                 program = program.name,
                 program_id,
