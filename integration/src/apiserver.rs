@@ -162,14 +162,12 @@ impl ApiServer {
         self.running.as_ref().map(|(_, a)| *a)
     }
 
-    /// A kubeconfig for this server (plain http, no credentials), context `test`.
+    /// A kubeconfig for this server: see [`kubeconfig_for`].
     pub fn kubeconfig(&self) -> Result<String> {
         let addr = self
             .addr()
             .ok_or_else(|| anyhow!("the API server is not running"))?;
-        Ok(format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: test\nclusters:\n- name: test\n  cluster:\n    server: http://{addr}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: test\nusers:\n- name: test\n  user: {{}}\n"
-        ))
+        Ok(kubeconfig_for(addr))
     }
 
     /// Ends every open watch; clients reconnect (to a running server) from their last version.
@@ -679,4 +677,11 @@ async fn stream_events(
             }
         }
     }
+}
+
+/// A kubeconfig for a test API server at `addr` (plain http, no credentials), context `test`.
+pub fn kubeconfig_for(addr: SocketAddr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\ncurrent-context: test\nclusters:\n- name: test\n  cluster:\n    server: http://{addr}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: test\nusers:\n- name: test\n  user: {{}}\n"
+    )
 }

@@ -17,7 +17,7 @@ use gatewayd::k8s::sync::{self, ClusterUpdate};
 use gatewayd::lb::maglev::DEFAULT_TABLE_SIZE;
 use gatewayd::lb::reconcile::{LbParams, Programmed};
 use gatewayd::model::DesiredState;
-use gatewayd_integration::apiserver::ApiServer;
+use gatewayd_integration::apiserver::{kubeconfig_for, ApiServer};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -156,24 +156,15 @@ async fn measure(services: usize) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("gd-bench-k8s-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: b\nclusters:\n- name: b\n  cluster:\n    server: http://{addr}\ncontexts:\n- name: b\n  context:\n    cluster: b\n    user: b\nusers:\n- name: b\n  user: {{}}\n"
-        ),
-    )?;
-    let cluster = Cluster {
-        id: 1,
-        name: "bench".into(),
-        access: ClusterAccess::Kubeconfig {
+    std::fs::write(&kubeconfig, kubeconfig_for(addr.parse()?))?;
+    let cluster = Cluster::new(
+        1,
+        "bench",
+        ClusterAccess::Kubeconfig {
             path: kubeconfig,
             context: None,
         },
-        load_balancer_class: DEFAULT_LOAD_BALANCER_CLASS.into(),
-        identity_ignore_labels: vec![],
-        wireguard_port: 51820,
-        address_pools: vec![],
-    };
+    );
     let params = LbParams {
         table_size: DEFAULT_TABLE_SIZE,
         seed: 0,
@@ -253,18 +244,14 @@ async fn measure(services: usize) -> Result<()> {
             .collect::<Result<_>>()?,
         ..Default::default()
     };
-    let cluster = Cluster {
-        id: 1,
-        name: "bench".into(),
-        access: ClusterAccess::Kubeconfig {
+    let cluster = Cluster::new(
+        1,
+        "bench",
+        ClusterAccess::Kubeconfig {
             path: "/dev/null".into(),
             context: None,
         },
-        load_balancer_class: DEFAULT_LOAD_BALANCER_CLASS.into(),
-        identity_ignore_labels: vec![],
-        wireguard_port: 51820,
-        address_pools: vec![],
-    };
+    );
     let cx = ConvertContext {
         cluster: &cluster,
         egress_interface: None,

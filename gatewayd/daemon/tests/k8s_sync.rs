@@ -105,16 +105,15 @@ async fn follows_a_cluster_through_outage_and_compaction() {
     }
 
     let cluster = Cluster {
-        id: 3,
-        name: "test".into(),
-        access: ClusterAccess::Kubeconfig {
-            path: kubeconfig,
-            context: None,
-        },
-        load_balancer_class: DEFAULT_LOAD_BALANCER_CLASS.into(),
-        identity_ignore_labels: vec![],
-        wireguard_port: 51820,
         address_pools: vec!["10.100.5.0/30".parse().unwrap()],
+        ..Cluster::new(
+            3,
+            "test",
+            ClusterAccess::Kubeconfig {
+                path: kubeconfig,
+                context: None,
+            },
+        )
     };
     let client = sync::client(&cluster).await.unwrap();
     let (tx, mut updates) = mpsc::channel(16);
@@ -253,18 +252,14 @@ async fn ipsec_keys_follow_their_secret_and_rotate() {
     other["metadata"]["name"] = json!("not-the-keys");
     server.apply(other).unwrap();
 
-    let cluster = Cluster {
-        id: 4,
-        name: "keys".into(),
-        access: ClusterAccess::Kubeconfig {
+    let cluster = Cluster::new(
+        4,
+        "keys",
+        ClusterAccess::Kubeconfig {
             path: kubeconfig,
             context: None,
         },
-        load_balancer_class: DEFAULT_LOAD_BALANCER_CLASS.into(),
-        identity_ignore_labels: vec![],
-        wireguard_port: 51820,
-        address_pools: vec![],
-    };
+    );
     let secret = SecretRef {
         cluster: "keys".into(),
         namespace: "gatewayd".into(),

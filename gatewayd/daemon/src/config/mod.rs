@@ -208,6 +208,25 @@ pub struct Cluster {
     pub address_pools: Vec<IpNet>,
 }
 
+impl Cluster {
+    /// A cluster as a `[[clusters]]` entry naming only its id, name and access gets it: every
+    /// other setting at its default.
+    pub fn new(id: u32, name: &str, access: ClusterAccess) -> Cluster {
+        Cluster {
+            id,
+            name: name.into(),
+            access,
+            load_balancer_class: DEFAULT_LOAD_BALANCER_CLASS.into(),
+            identity_ignore_labels: DEFAULT_IDENTITY_IGNORE_LABELS
+                .iter()
+                .map(|l| l.to_string())
+                .collect(),
+            wireguard_port: DEFAULT_WIREGUARD_PORT,
+            address_pools: vec![],
+        }
+    }
+}
+
 pub const DEFAULT_LOAD_BALANCER_CLASS: &str = "gatewayd.io/dsr";
 /// Labels that change with every rollout or pod and say nothing about what a pod may do.
 pub const DEFAULT_IDENTITY_IGNORE_LABELS: &[&str] = &[

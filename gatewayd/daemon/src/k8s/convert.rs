@@ -589,9 +589,6 @@ fn egress_policy(cx: &Context, object: &DynamicObject, pods: &PodView) -> Result
 mod tests {
     //! Fixtures are `kubectl get <kind> -o json` output (a `List` with every server-set field).
     use super::*;
-    use crate::config::{
-        DEFAULT_IDENTITY_IGNORE_LABELS, DEFAULT_LOAD_BALANCER_CLASS, DEFAULT_WIREGUARD_PORT,
-    };
     use serde::de::DeserializeOwned;
 
     fn items<K: DeserializeOwned>(file: &str) -> Vec<Arc<K>> {
@@ -617,21 +614,14 @@ mod tests {
     }
 
     fn cluster() -> Cluster {
-        Cluster {
-            id: 1,
-            name: "prod".into(),
-            access: crate::config::ClusterAccess::Kubeconfig {
+        Cluster::new(
+            1,
+            "prod",
+            crate::config::ClusterAccess::Kubeconfig {
                 path: "/dev/null".into(),
                 context: None,
             },
-            load_balancer_class: DEFAULT_LOAD_BALANCER_CLASS.into(),
-            identity_ignore_labels: DEFAULT_IDENTITY_IGNORE_LABELS
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-            wireguard_port: DEFAULT_WIREGUARD_PORT,
-            address_pools: vec![],
-        }
+        )
     }
 
     struct TestHost;

@@ -113,19 +113,18 @@ mod tests {
     #[test]
     fn first_free_address_of_the_family_in_name_order() {
         let cluster = Cluster {
-            id: 1,
-            name: "c".into(),
-            access: ClusterAccess::Kubeconfig {
-                path: "/dev/null".into(),
-                context: None,
-            },
-            load_balancer_class: DEFAULT_LOAD_BALANCER_CLASS.into(),
-            identity_ignore_labels: vec![],
-            wireguard_port: 51820,
             address_pools: vec![
                 "10.100.0.0/30".parse().unwrap(),
                 "fd00:100::/126".parse().unwrap(),
             ],
+            ..Cluster::new(
+                1,
+                "c",
+                ClusterAccess::Kubeconfig {
+                    path: "/dev/null".into(),
+                    context: None,
+                },
+            )
         };
         let services = vec![
             service("b", "late", &["IPv4"], None),
