@@ -381,6 +381,27 @@ impl Netns {
         })
     }
 
+    /// `n` short TCP connections from the namespace to `to`, one request to a [`BackendServer`]
+    /// each (all from distinct source ports); returns how many each server answered.
+    pub fn tcp_requests(
+        &self,
+        to: SocketAddr,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<std::collections::BTreeMap<String, usize>> {
+        self.run_in(move || {
+            let mut served = std::collections::BTreeMap::new();
+            for i in 0..n {
+                let mut conn = TcpStream::connect_timeout(&to, timeout)
+                    .with_context(|| format!("connection {i} to {to}"))?;
+                let name = tcp_exchange(&mut conn, &format!("request-{i}"), timeout)
+                    .with_context(|| format!("connection {i} to {to}"))?;
+                *served.entry(name).or_insert(0) += 1;
+            }
+            Ok(served)
+        })
+    }
+
     /// A UDP socket of the namespace, connected to `to` (so only `to` can answer it).
     pub fn udp_connect(&self, to: SocketAddr) -> Result<UdpSocket> {
         self.run_in(move || {

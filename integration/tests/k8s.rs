@@ -18,13 +18,13 @@ use gatewayd_integration::apiserver::ApiServer;
 use gatewayd_integration::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Generous: reflectors back off up to 10 s between reconnects, and CI machines are shared.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connecting to the VIP and its answer, each.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 const GW: &str = "10.71.0.1";
 const VIP: &str = "10.101.0.1";
@@ -202,18 +202,7 @@ impl Lab {
 
     /// `n` short connections to VIP:80 from the client: how many each backend served.
     fn connections(&self, n: usize) -> Result<BTreeMap<String, usize>> {
-        let to = sa(VIP, 80);
-        self.client.run_in(move || {
-            let mut served = BTreeMap::new();
-            for i in 0..n {
-                let mut conn = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT)
-                    .with_context(|| format!("connection {i} to {to}"))?;
-                let name = tcp_exchange(&mut conn, &format!("request-{i}"), REPLY_TIMEOUT)
-                    .with_context(|| format!("connection {i} to {to}"))?;
-                *served.entry(name).or_insert(0) += 1;
-            }
-            Ok(served)
-        })
+        self.client.tcp_requests(sa(VIP, 80), n, REPLY_TIMEOUT)
     }
 
     /// `egress list`'s source CIDRs of policy `name`.

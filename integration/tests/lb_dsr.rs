@@ -280,17 +280,7 @@ impl Lab {
     /// `n` short TCP connections from `client` (one request each, all from distinct source
     /// ports); returns how many each backend served.
     fn connections(&self, client: usize, to: SocketAddr, n: usize) -> Result<BTreeMap<String, usize>> {
-        self.clients[client].ns.run_in(move || {
-            let mut served = BTreeMap::new();
-            for i in 0..n {
-                let mut conn = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT)
-                    .with_context(|| format!("connection {i} to {to}"))?;
-                let name = tcp_exchange(&mut conn, &format!("request-{i}"), REPLY_TIMEOUT)
-                    .with_context(|| format!("connection {i} to {to}"))?;
-                *served.entry(name).or_insert(0) += 1;
-            }
-            Ok(served)
-        })
+        self.clients[client].ns.tcp_requests(to, n, REPLY_TIMEOUT)
     }
 
     /// `n` UDP requests from `client`, each from its own socket (so its own flow); the sockets
