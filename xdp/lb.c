@@ -25,12 +25,13 @@ struct {
 
 /*
  * Template for the per-service Maglev tables. BPF_F_INNER_MAP lets inner arrays of any
- * max_entries be inserted (each service table has its own prime size); inner maps must be
- * created with the same type, key/value sizes and flags (0x1000) or the insert is refused.
+ * max_entries be inserted (each service table has its own prime size); BPF_F_MMAPABLE lets
+ * userspace fill a table with one copy. Inner maps must be created with the same type,
+ * key/value sizes and flags (0x1400) or the insert is refused.
  */
 struct gd_maglev_inner {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(map_flags, BPF_F_INNER_MAP);
+	__uint(map_flags, BPF_F_INNER_MAP | BPF_F_MMAPABLE);
 	__type(key, __u32);
 	__type(value, __u32);
 	__uint(max_entries, GD_MAGLEV_DEFAULT_SIZE + 1);

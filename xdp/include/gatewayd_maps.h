@@ -61,9 +61,10 @@ struct gd_service {
  * Inner map format (a BPF program cannot read an inner map's max_entries, so the table size
  * travels in the map itself):
  * - type ARRAY, key __u32, value __u32, max_entries = table_size + 1;
- * - map_flags BPF_F_INNER_MAP (0x1000) on every inner map: with it the kernel accepts inner
- *   arrays of any max_entries into the outer map (it still requires equal type, key/value
- *   sizes and flags, hence the flag on all of them);
+ * - map_flags BPF_F_INNER_MAP | BPF_F_MMAPABLE (0x1400) on every inner map: the first makes
+ *   the kernel accept inner arrays of any max_entries into the outer map (it still requires
+ *   equal type, key/value sizes and flags, hence the flags on all of them); the second lets
+ *   userspace fill a table through a mapping, one copy instead of an update per slot;
  * - element 0 = table_size (the prime M), elements 1..=M = backend id of Maglev slot 0..M-1.
  * The datapath picks slot = 1 + flow_hash % M; a missing table, M = 0 or backend id 0 mean
  * "no backend" (GD_REASON_NO_BACKEND_DROP).

@@ -1,17 +1,22 @@
-//! Kubernetes sync at scale: time and peak RSS from first contact with the API server to the
-//! planned datapath state, for 10,000 LoadBalancer Services x 10 endpoints, then for a burst
-//! of 1,000 changed endpoints.
+//! Kubernetes sync at scale: time and peak RSS from first contact with the API server to
+//! programmed maps, for 10,000 LoadBalancer Services x 10 endpoints, then for a burst of
+//! 1,000 changed endpoints.
 //!
-//! `cargo bench -p gatewayd --bench k8s` (no root). The API server (the test server of
-//! `integration/`) runs in a child process, so the peak RSS printed is gatewayd's alone: kube
-//! client, reflector stores, conversion, merge and the LB planner (Maglev tables included).
-//! The maps themselves are not written (that needs root and is measured by `--bench lb`); see
-//! docs/performance.md.
+//! `cargo bench -p gatewayd --bench k8s` (root, to load the datapath; without root it stops
+//! at the plan and says so). The API server (the test server of `integration/`) runs in a
+//! child process, so the peak RSS printed is gatewayd's alone: kube client, reflector stores,
+//! conversion, merge, the LB planner and the map writer with its Maglev tables, the path
+//! `Daemon::program` takes. Figures: docs/performance.md.
 //!
-//! `GATEWAYD_BENCH_K8S_SERVICES=<n>` changes the number of services (default 10000).
+//! `GATEWAYD_BENCH_K8S_SERVICES=<n>` changes the number of services (default 10000);
+//! `GATEWAYD_BENCH_K8S_TABLE_SIZE=<prime>` the Maglev table size (default 16381).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 use anyhow::{anyhow, bail, Context, Result};
 use gatewayd::config::{Cluster, ClusterAccess, Host, DEFAULT_LOAD_BALANCER_CLASS};
+use gatewayd::datapath::Capacities;
 use gatewayd::k8s::convert::{convert, ClusterObjects, ClusterState, Context as ConvertContext};
 use gatewayd::k8s::sync::{self, ClusterUpdate};
 use gatewayd::lb::maglev::DEFAULT_TABLE_SIZE;
@@ -165,12 +170,28 @@ async fn measure(services: usize) -> Result<()> {
             context: None,
         },
     );
+    let table_size = std::env::var("GATEWAYD_BENCH_K8S_TABLE_SIZE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_TABLE_SIZE);
     let params = LbParams {
-        table_size: DEFAULT_TABLE_SIZE,
+        table_size,
         seed: 0,
         // The defaults hold 65,536 backends: 100,000 need lb.max_backends raised.
-        max_services: 1 << 20,
-        max_backends: 1 << 20,
+        max_services: (services as u32 + 1).next_power_of_two(),
+        max_backends: (services as u32 * ENDPOINTS as u32 + 1).next_power_of_two(),
+    };
+    // The datapath, loaded as the daemon loads it (root only).
+    let mut maps = if common::require_root("writing the maps") {
+        let capacities = Capacities {
+            max_services: params.max_services,
+            max_backends: params.max_backends,
+            ..common::test_capacities()
+        };
+        Some(common::Balancer::new(&capacities, params)?)
+    } else {
+        println!("(the figures stop at the plan: no Maglev table is built)");
+        None
     };
     let base = DesiredState::default();
     let rss_before = peak_rss_mb();
@@ -187,6 +208,11 @@ async fn measure(services: usize) -> Result<()> {
     let (ops, programmed) = Programmed::default().plan(&desired.services, &params)?;
     let planned = started.elapsed();
     let rss_planned = peak_rss_mb();
+    if let Some(maps) = &mut maps {
+        maps.lb.apply(&ops)?;
+    }
+    let programmed_at = started.elapsed();
+    let rss_programmed = peak_rss_mb();
     let backends: usize = desired.services.values().map(|s| s.backends.len()).sum();
     if desired.services.len() != services || backends != services * ENDPOINTS {
         bail!("synced {} services, {backends} backends", desired.services.len());
@@ -201,6 +227,12 @@ async fn measure(services: usize) -> Result<()> {
         ops.len(),
         ms(planned)
     );
+    if maps.is_some() {
+        println!(
+            "  + maps written ({table_size}-slot tables):   {:>8}   peak RSS {rss_programmed:.0} MB",
+            ms(programmed_at)
+        );
+    }
     println!("  (RSS before the first contact: {rss_before:.0} MB)");
     drop(ops);
 
@@ -219,14 +251,20 @@ async fn measure(services: usize) -> Result<()> {
         let merged = burst.elapsed();
         let (ops, next) = programmed.plan(&desired.services, &params)?;
         programmed = next;
+        let planned = burst.elapsed();
+        if let Some(maps) = &mut maps {
+            maps.lb.apply(&ops)?;
+        }
         let total = burst.elapsed();
         println!(
-            "churn {round}: {} endpoints changed (server took {}): model {}, merged {}, planned ({} ops) {}",
+            "churn {round}: {} endpoints changed (server took {}): model {}, merged {}, planned ({} ops) {}, {} {}",
             CHURN_SLICES * ENDPOINTS,
             ms(applied),
             ms(modelled),
             ms(merged),
             ops.len(),
+            ms(planned),
+            if maps.is_some() { "written" } else { "not written" },
             ms(total)
         );
     }

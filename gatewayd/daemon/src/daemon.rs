@@ -576,6 +576,7 @@ impl Daemon {
         let mut out = Vec::new();
         for (key, svc) in &self.programmed.services {
             let desired = self.desired.services.get(key);
+            let slots = svc.table.as_ref().map(|t| t.slots()).unwrap_or_default();
             let mut backends = Vec::new();
             for (addr, b) in &svc.backends {
                 backends.push(api::LbBackend {
@@ -583,7 +584,7 @@ impl Daemon {
                     weight: b.weight,
                     state: b.state.to_string(),
                     backend_id: b.backend_id,
-                    maglev_slots: svc.slots.get(&b.backend_id).copied().unwrap_or(0),
+                    maglev_slots: slots.get(&b.backend_id).copied().unwrap_or(0),
                     traffic: traffic(self.lb.counters().backend_traffic(b.backend_id)?),
                 });
             }

@@ -1,32 +1,36 @@
 //! The load balancer's maps: executing reconcile operations, recovering the programmed state
 //! from maps a previous daemon left pinned, and reading counters.
 
-use super::{ignore_missing, open_pinned_map, take_map, update_batch};
-use crate::lb::reconcile::{LbOp, Programmed, ProgrammedBackend, ProgrammedService};
+use super::{delete_batch, ignore_missing, open_pinned_map, take_map, update_batch};
+use crate::lb::reconcile::{LbOp, Programmed, ProgrammedBackend, ProgrammedService, TableInput};
 use crate::model::{BackendState, ServiceKey};
 use anyhow::{Context, Result};
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, HashOfMaps, MapData, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::Ebpf;
 use gatewayd_common::maps::*;
 use ipnet::IpNet;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::Path;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
 
-/// BPF_F_INNER_MAP: lets Maglev tables of any prime size replace each other in `gd_maglev`.
-const BPF_F_INNER_MAP: u32 = 1 << 12;
+/// BPF_F_INNER_MAP (lets Maglev tables of any prime size replace each other in `gd_maglev`)
+/// and BPF_F_MMAPABLE (lets the daemon fill them with one copy): the flags of the template in
+/// xdp/lb.c, which the kernel requires of every inner map.
+pub const MAGLEV_TABLE_FLAGS: u32 = (1 << 12) | (1 << 10);
 
 pub struct LbMaps {
-    services: HashMap<MapData, VipKey, Service>,
-    maglev: HashOfMaps<MapData, u32, Array<MapData, u32>>,
-    /// A second handle on `gd_maglev` for batched swaps (the typed one exposes no fd).
-    maglev_swap: MapData,
-    backends: Array<MapData, Backend>,
+    maps_dir: PathBuf,
+    /// Opened from their pins for batched writes: aya's typed maps expose neither their fd
+    /// nor batch operations.
+    services: MapData,
+    maglev: MapData,
+    backends: MapData,
+    service_stats: MapData,
+    backend_stats: MapData,
     source_ranges: LpmTrie<MapData, SourceRangeData, u8>,
     settings: Array<MapData, LbSettings>,
-    service_stats: PerCpuArray<MapData, TrafficCounters>,
-    backend_stats: PerCpuArray<MapData, TrafficCounters>,
     counters: LbCounters,
 }
 
@@ -42,18 +46,21 @@ pub struct LbCounters {
 }
 
 impl LbMaps {
-    /// Takes the maps the reconciler writes from the loaded object; counters are opened from
-    /// the pins under `maps_dir`.
+    /// Opens the maps the reconciler writes (the object has pinned them under `maps_dir`).
     pub fn new(ebpf: &mut Ebpf, maps_dir: &Path) -> Result<Self> {
+        let pinned = |name: &str| {
+            let pin = maps_dir.join(name);
+            MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))
+        };
         Ok(LbMaps {
-            services: take_map(ebpf, "gd_services")?,
-            maglev: take_map(ebpf, "gd_maglev")?,
-            maglev_swap: MapData::from_pin(maps_dir.join("gd_maglev"))?,
-            backends: take_map(ebpf, "gd_backends")?,
+            maps_dir: maps_dir.to_owned(),
+            services: pinned("gd_services")?,
+            maglev: pinned("gd_maglev")?,
+            backends: pinned("gd_backends")?,
+            service_stats: pinned("gd_svc_stats")?,
+            backend_stats: pinned("gd_be_stats")?,
             source_ranges: take_map(ebpf, "gd_src_ranges")?,
             settings: take_map(ebpf, "gd_lb_settings")?,
-            service_stats: take_map(ebpf, "gd_svc_stats")?,
-            backend_stats: take_map(ebpf, "gd_be_stats")?,
             counters: LbCounters::open(maps_dir)?,
         })
     }
@@ -62,64 +69,102 @@ impl LbMaps {
         &self.counters
     }
 
+    /// Executes a plan. The planner puts operations of one kind next to each other, and each
+    /// such run is written with batched calls.
     pub fn apply(&mut self, ops: &[LbOp]) -> Result<()> {
-        let mut rest = ops;
-        while let Some(op) = rest.first() {
-            // The planner puts all Maglev swaps of a plan next to each other: write them as
-            // batches, since every single swap waits for an RCU grace period.
-            let run = rest
-                .iter()
-                .take_while(|o| matches!(o, LbOp::PutMaglev { .. }))
-                .count();
-            if run > 0 {
-                for chunk in rest[..run].chunks(1024) {
-                    self.put_tables(chunk)
-                        .with_context(|| format!("swapping {} Maglev tables", chunk.len()))?;
-                }
-                rest = &rest[run..];
-                continue;
-            }
-            self.apply_one(op).with_context(|| format!("applying {op:?}"))?;
-            rest = &rest[1..];
+        for run in ops.chunk_by(|a, b| std::mem::discriminant(a) == std::mem::discriminant(b)) {
+            self.apply_run(run)
+                .with_context(|| format!("applying {} x {:?}", run.len(), run[0]))?;
         }
         Ok(())
     }
 
-    /// Fills one fresh inner map per table, then swaps them all into `gd_maglev` at once.
-    fn put_tables(&mut self, ops: &[LbOp]) -> Result<()> {
-        use std::os::fd::{AsFd, AsRawFd};
-        // The new tables stay open until the outer map holds them.
-        let mut tables = Vec::with_capacity(ops.len());
-        let mut service_ids = Vec::with_capacity(ops.len());
-        for op in ops {
-            let LbOp::PutMaglev { service_id, table } = op else {
-                unreachable!("a run of PutMaglev")
+    /// Applies operations that are all of the kind of `run[0]`.
+    fn apply_run(&mut self, run: &[LbOp]) -> Result<()> {
+        // The fields of every operation of the run, by the pattern of its kind.
+        macro_rules! fields {
+            ($pattern:pat => $out:expr) => {
+                run.iter()
+                    .map(|op| match op {
+                        $pattern => $out,
+                        other => unreachable!("{other:?} in a run of {:?}", run[0]),
+                    })
+                    .collect::<Vec<_>>()
             };
-            tables.push(new_table(table)?);
-            service_ids.push(*service_id);
         }
-        let fds: Vec<u32> = tables.iter().map(|t| t.fd().as_fd().as_raw_fd() as u32).collect();
-        update_batch(self.maglev_swap.fd().as_fd(), &service_ids, &fds)
-    }
-
-    fn apply_one(&mut self, op: &LbOp) -> Result<()> {
-        match op {
-            LbOp::ResetServiceStats { service_id } => zero(&mut self.service_stats, *service_id)?,
-            LbOp::ResetBackendStats { backend_id } => zero(&mut self.backend_stats, *backend_id)?,
-            LbOp::PutBackend { backend_id, value } => self.backends.set(*backend_id, value, 0)?,
-            LbOp::PutMaglev { .. } => self.put_tables(std::slice::from_ref(op))?,
-            LbOp::PutSourceRange { service_id, range } => {
-                self.source_ranges.insert(&range_key(*service_id, range), 1, 0)?
+        match &run[0] {
+            LbOp::ResetServiceStats { .. } => reset(
+                &self.service_stats,
+                &fields!(LbOp::ResetServiceStats { service_id } => *service_id),
+            )?,
+            LbOp::ResetBackendStats { .. } => reset(
+                &self.backend_stats,
+                &fields!(LbOp::ResetBackendStats { backend_id } => *backend_id),
+            )?,
+            LbOp::PutBackend { .. } => {
+                let (ids, values): (Vec<u32>, Vec<Backend>) =
+                    fields!(LbOp::PutBackend { backend_id, value } => (*backend_id, *value))
+                        .into_iter()
+                        .unzip();
+                update_batch(self.backends.fd().as_fd(), &ids, &values)?
             }
-            LbOp::PutService { key, value } => self.services.insert(key, value, 0)?,
-            LbOp::DeleteService { key } => ignore_missing(self.services.remove(key))?,
-            LbOp::DeleteSourceRange { service_id, range } => {
-                ignore_missing(self.source_ranges.remove(&range_key(*service_id, range)))?
+            LbOp::DeleteBackend { .. } => {
+                let ids = fields!(LbOp::DeleteBackend { backend_id } => *backend_id);
+                update_batch(
+                    self.backends.fd().as_fd(),
+                    &ids,
+                    &vec![Backend::default(); ids.len()],
+                )?
             }
-            LbOp::DeleteMaglev { service_id } => ignore_missing(self.maglev.remove(service_id))?,
-            LbOp::DeleteBackend { backend_id } => self.backends.set(*backend_id, Backend::default(), 0)?,
+            LbOp::PutMaglev { .. } => {
+                let tables = fields!(LbOp::PutMaglev { service_id, table } => (*service_id, table));
+                for batch in tables.chunks(TABLES_PER_SWAP) {
+                    self.put_tables(batch)?;
+                }
+            }
+            LbOp::DeleteMaglev { .. } => delete_batch(
+                self.maglev.fd().as_fd(),
+                &fields!(LbOp::DeleteMaglev { service_id } => *service_id),
+            )?,
+            LbOp::PutService { .. } => {
+                let (keys, values): (Vec<VipKey>, Vec<Service>) =
+                    fields!(LbOp::PutService { key, value } => (*key, *value))
+                        .into_iter()
+                        .unzip();
+                update_batch(self.services.fd().as_fd(), &keys, &values)?
+            }
+            LbOp::DeleteService { .. } => delete_batch(
+                self.services.fd().as_fd(),
+                &fields!(LbOp::DeleteService { key } => *key),
+            )?,
+            // Source ranges are few and change rarely: one call each.
+            LbOp::PutSourceRange { .. } => {
+                for (service_id, range) in
+                    fields!(LbOp::PutSourceRange { service_id, range } => (*service_id, range))
+                {
+                    self.source_ranges.insert(&range_key(service_id, range), 1, 0)?;
+                }
+            }
+            LbOp::DeleteSourceRange { .. } => {
+                for (service_id, range) in
+                    fields!(LbOp::DeleteSourceRange { service_id, range } => (*service_id, range))
+                {
+                    ignore_missing(self.source_ranges.remove(&range_key(service_id, range)))?;
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Builds and fills one fresh inner map per table, then swaps them all into `gd_maglev`
+    /// at once.
+    fn put_tables(&mut self, tables: &[(u32, &TableInput)]) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let (service_ids, inputs): (Vec<u32>, Vec<&TableInput>) = tables.iter().copied().unzip();
+        // The new tables stay open until the outer map holds them.
+        let maps = new_tables(&inputs)?;
+        let fds: Vec<u32> = maps.iter().map(|t| t.fd().as_fd().as_raw_fd() as u32).collect();
+        update_batch(self.maglev.fd().as_fd(), &service_ids, &fds)
     }
 
     pub fn set_settings(&mut self, settings: &LbSettings) -> Result<()> {
@@ -130,8 +175,10 @@ impl LbMaps {
     /// Rebuilds the programmed state from the maps, e.g. after a restart: ids stay as the
     /// previous daemon allocated them, so established flows keep pointing at the right backends.
     pub fn recover(&self) -> Result<Programmed> {
+        let services: HashMap<MapData, VipKey, Service> = open_pinned_map(&self.maps_dir, "gd_services")?;
+        let backends: Array<MapData, Backend> = open_pinned_map(&self.maps_dir, "gd_backends")?;
         let mut by_id: BTreeMap<u32, (ServiceKey, ProgrammedService)> = BTreeMap::new();
-        for entry in self.services.iter() {
+        for entry in services.iter() {
             let (key, value) = entry?;
             let Some(service_key) = service_key(&key) else {
                 continue;
@@ -147,13 +194,12 @@ impl LbMaps {
                         backends: BTreeMap::new(),
                         source_ranges: Default::default(),
                         table: None,
-                        slots: BTreeMap::new(),
                     },
                 ),
             );
         }
-        for backend_id in 1..self.backends.len() {
-            let b = self.backends.get(&backend_id, 0)?;
+        for backend_id in 1..backends.len() {
+            let b = backends.get(&backend_id, 0)?;
             let state = match b.state {
                 BACKEND_ACTIVE => BackendState::Active,
                 BACKEND_TERMINATING => BackendState::Terminating,
@@ -241,22 +287,74 @@ impl LbCounters {
     }
 }
 
+/// Maglev tables swapped in with one update: each swap waits for an RCU grace period, and a
+/// batch holds this many inner maps open (their memory is the kernel's, not the daemon's).
+const TABLES_PER_SWAP: usize = 1024;
+
+/// The inner maps of `inputs`, in order. Building a table of the default size takes about
+/// half a millisecond, so the tables of a large plan are built on every CPU; each is dropped
+/// once its map is filled, so the daemon holds one table per CPU, whatever the plan's size.
+fn new_tables(inputs: &[&TableInput]) -> Result<Vec<MapData>> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if workers == 1 || inputs.len() < 2 {
+        return inputs.iter().map(|t| new_table(&t.build())).collect();
+    }
+    let share = inputs.len().div_ceil(workers);
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = inputs
+            .chunks(share)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|t| new_table(&t.build()))
+                        .collect::<Result<Vec<_>>>()
+                })
+            })
+            .collect();
+        let mut tables = Vec::with_capacity(inputs.len());
+        for part in parts {
+            tables.extend(part.join().expect("a Maglev table builder panicked")?);
+        }
+        Ok(tables)
+    })
+}
+
 /// A Maglev table as an inner map: slot 0 holds the table size, slots 1..=size the backend ids
-/// (xdp/README.md).
+/// (xdp/README.md). The map is mmapable and filled through a mapping of it: one copy, where
+/// a batched update costs the kernel ~3 ms per table of the default size (one element at a
+/// time), and 10,000 services would take half a minute.
 fn new_table(table: &[u32]) -> Result<MapData> {
-    use std::os::fd::AsFd;
+    use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+    use std::num::NonZeroUsize;
     const BPF_MAP_TYPE_ARRAY: u32 = 2;
-    let size = table.len().max(1) as u32;
+    let entries = table.len() + 1;
     let inner = MapData::create(
-        aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, 4, size + 1, BPF_F_INNER_MAP),
+        aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, 4, entries as u32, MAGLEV_TABLE_FLAGS),
         "gd_maglev_tbl",
         None,
     )?;
-    let values: Vec<u32> = std::iter::once(table.len() as u32)
-        .chain(table.iter().copied())
-        .collect();
-    let slots: Vec<u32> = (0..values.len() as u32).collect();
-    update_batch(inner.fd().as_fd(), &slots, &values)?;
+    // The kernel stores array values 8-byte aligned: element i's u32 starts at byte 8 * i.
+    const STRIDE: usize = 2;
+    let bytes = NonZeroUsize::new(entries * STRIDE * 4).expect("at least the size slot");
+    // SAFETY: a fresh shared mapping of the whole array (the kernel rounds it up to pages),
+    // written within its `entries` elements and unmapped before anything else sees it.
+    unsafe {
+        let base = mmap(
+            None,
+            bytes,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_SHARED,
+            inner.fd().as_fd(),
+            0,
+        )
+        .context("mapping a new Maglev table")?;
+        let words = std::slice::from_raw_parts_mut(base.as_ptr().cast::<u32>(), entries * STRIDE);
+        let values = std::iter::once(table.len() as u32).chain(table.iter().copied());
+        for (element, value) in words.chunks_exact_mut(STRIDE).zip(values) {
+            element[0] = value;
+        }
+        munmap(base, bytes.get()).context("unmapping a new Maglev table")?;
+    }
     Ok(inner)
 }
 
@@ -286,10 +384,14 @@ fn range_key(service_id: u32, range: &IpNet) -> Key<SourceRangeData> {
     )
 }
 
-fn zero<T: aya::Pod + Default + Clone>(map: &mut PerCpuArray<MapData, T>, index: u32) -> Result<()> {
+/// Zeroes the per-CPU counters at `indexes` of a per-CPU array of [`TrafficCounters`].
+fn reset(map: &MapData, indexes: &[u32]) -> Result<()> {
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
-    map.set(index, PerCpuValues::try_from(vec![T::default(); cpus])?, 0)?;
-    Ok(())
+    update_batch(
+        map.fd().as_fd(),
+        indexes,
+        &vec![TrafficCounters::default(); cpus * indexes.len()],
+    )
 }
 
 fn sum_traffic(map: &PerCpuArray<MapData, TrafficCounters>, index: u32) -> Result<TrafficCounters> {

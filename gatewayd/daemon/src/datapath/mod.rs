@@ -609,12 +609,51 @@ pub(crate) fn open_pinned_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapE
     T::try_from(aya::maps::Map::from_map_data(data)?).with_context(|| format!("map {name}"))
 }
 
-/// BPF_MAP_UPDATE_BATCH of u32 keys and u32 values (aya has no batch operations). One call
-/// waits for at most one RCU grace period, where one update per element of a map-in-map waits
-/// for one each (~10 ms).
-pub(crate) fn update_batch(map: std::os::fd::BorrowedFd<'_>, keys: &[u32], values: &[u32]) -> Result<()> {
-    use std::os::fd::AsRawFd;
+/// BPF_MAP_UPDATE_BATCH (aya has no batch operations): `values` holds one value of the map's
+/// value size per key (for per-CPU maps, one 8-byte-aligned value per possible CPU). One call
+/// costs one syscall and waits for at most one RCU grace period, where an update per element
+/// costs a syscall each and, on a map-in-map, a grace period each (~10 ms).
+pub(crate) fn update_batch<K: aya::Pod, V: aya::Pod>(
+    map: std::os::fd::BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> Result<()> {
     const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let done = map_batch(BPF_MAP_UPDATE_BATCH, map, keys, Some(values))
+        .map_err(|(_, e)| e)
+        .context("BPF_MAP_UPDATE_BATCH")?;
+    if done != keys.len() {
+        bail!("BPF_MAP_UPDATE_BATCH wrote {done} of {} elements", keys.len());
+    }
+    Ok(())
+}
+
+/// BPF_MAP_DELETE_BATCH; keys already gone are skipped (the state is what was wanted).
+pub(crate) fn delete_batch<K: aya::Pod>(map: std::os::fd::BorrowedFd<'_>, keys: &[K]) -> Result<()> {
+    const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+    let mut rest = keys;
+    while !rest.is_empty() {
+        match map_batch::<K, K>(BPF_MAP_DELETE_BATCH, map, rest, None) {
+            Ok(_) => break,
+            // The kernel stops at the first missing key and reports how many it deleted.
+            Err((done, e)) if e.raw_os_error() == Some(libc::ENOENT) => rest = &rest[done + 1..],
+            Err((_, e)) => return Err(e).context("BPF_MAP_DELETE_BATCH"),
+        }
+    }
+    Ok(())
+}
+
+/// One batch command over `keys` (and `values`): the number of elements done, also on error.
+fn map_batch<K: aya::Pod, V: aya::Pod>(
+    cmd: libc::c_long,
+    map: std::os::fd::BorrowedFd<'_>,
+    keys: &[K],
+    values: Option<&[V]>,
+) -> Result<usize, (usize, std::io::Error)> {
+    use std::os::fd::AsRawFd;
     #[repr(C)]
     struct BatchAttr {
         in_batch: u64,
@@ -626,38 +665,36 @@ pub(crate) fn update_batch(map: std::os::fd::BorrowedFd<'_>, keys: &[u32], value
         elem_flags: u64,
         flags: u64,
     }
-    assert_eq!(keys.len(), values.len());
+    if let Some(values) = values {
+        assert!(
+            values.len().is_multiple_of(keys.len()),
+            "a whole number of values per key"
+        );
+    }
     let mut attr = BatchAttr {
         in_batch: 0,
         out_batch: 0,
         keys: keys.as_ptr() as u64,
-        values: values.as_ptr() as u64,
+        values: values.map_or(0, |v| v.as_ptr() as u64),
         count: keys.len() as u32,
         map_fd: map.as_raw_fd() as u32,
         elem_flags: 0,
         flags: 0,
     };
-    // SAFETY: attr has the kernel's layout and points at live key/value arrays of `count`
-    // elements of the map's key and value sizes (4 bytes each).
+    // SAFETY: attr has the kernel's layout and points at live arrays of `count` keys and
+    // values of the map's key and value sizes (the callers' types mirror the map's).
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
+            cmd,
             &mut attr as *mut BatchAttr,
             std::mem::size_of::<BatchAttr>(),
         )
     };
     if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("BPF_MAP_UPDATE_BATCH");
+        return Err((attr.count as usize, std::io::Error::last_os_error()));
     }
-    if attr.count as usize != keys.len() {
-        bail!(
-            "BPF_MAP_UPDATE_BATCH wrote {} of {} elements",
-            attr.count,
-            keys.len()
-        );
-    }
-    Ok(())
+    Ok(attr.count as usize)
 }
 
 /// A delete of a key that is already gone is not an error: the state is what was wanted.
@@ -718,6 +755,9 @@ fn drop_incompatible_maps(dir: &Path, object: &[u8], overrides: &[(&str, u32)]) 
         // Per-CPU and ring-buffer sizes are rounded by the kernel; arrays and hashes are exact.
         check("max entries", live.max_entries(), max_entries);
         check("flags", live.map_flags(), def.map_flags());
+        if let (Some(template), Some(held)) = (def.inner(), inner_map_flags(&pin)?) {
+            check("inner map flags", held, template.map_flags());
+        }
         if !changes.is_empty() {
             warn!(
                 map = name.as_str(),
@@ -728,6 +768,20 @@ fn drop_incompatible_maps(dir: &Path, object: &[u8], overrides: &[(&str, u32)]) 
         }
     }
     Ok(())
+}
+
+/// The flags of an inner map that the pinned map-in-map at `pin` holds, `None` when it holds
+/// none. The kernel does not report a map-in-map's inner template, and refuses inner maps
+/// whose flags differ from it, so a held map stands for the template. (An empty outer map of
+/// an older layout is kept, and its first insert fails with an error naming it.)
+fn inner_map_flags(pin: &Path) -> Result<Option<u32>> {
+    let outer: aya::maps::HashOfMaps<aya::maps::MapData, u32, aya::maps::MapData> =
+        aya::maps::Map::HashOfMaps(aya::maps::MapData::from_pin(pin)?).try_into()?;
+    let Some(key) = outer.keys().next() else {
+        return Ok(None);
+    };
+    let inner = outer.get(&key?, 0)?;
+    Ok(Some(inner.info()?.map_flags()))
 }
 
 /// Makes sure `dir` is on a bpffs, mounting one at /sys/fs/bpf (or at `dir`) if needed.

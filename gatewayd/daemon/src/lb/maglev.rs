@@ -185,6 +185,28 @@ pub fn build_table(backends: &[MaglevBackend<'_>], table_size: u32, seed: u64) -
     table
 }
 
+/// Slots per caller index in the table [`build_table`] returns for the same arguments, without
+/// building it: each claim of the population order takes exactly one slot, so counting the
+/// first `table_size` claims is enough. No hashing or probing: O(M) for equal weights, a
+/// small fraction of a build.
+///
+/// # Panics
+///
+/// As [`build_table`].
+pub fn slot_counts(backends: &[MaglevBackend<'_>], table_size: u32) -> Vec<u32> {
+    if let Err(why) = validate_table_size(table_size) {
+        panic!("maglev::slot_counts: {why}");
+    }
+    let mut counts = vec![0; backends.len()];
+    let members = members(backends);
+    if !members.is_empty() {
+        for rank in Schedule::new(&members).take(table_size as usize) {
+            counts[members[rank].index as usize] += 1;
+        }
+    }
+    counts
+}
+
 /// A distinct backend key with its merged weight, in sorted-key order.
 struct Member<'a> {
     key: &'a [u8],
@@ -769,6 +791,23 @@ mod tests {
             weights in prop::collection::vec(1u64..=8, 1..12),
         ) {
             prop_assert_eq!(schedule_order(&weights, 300), brute_force_order(&weights, 300));
+        }
+
+        /// Duplicate keys and zero weights included: the counts follow the merged members.
+        #[test]
+        fn prop_slot_counts_match_the_built_table(
+            weights in prop::collection::vec(0u32..=1000, 1..40),
+            duplicates in 0usize..4,
+            seed in any::<u64>(),
+        ) {
+            let mut keys = keys(weights.len());
+            for i in 0..duplicates.min(keys.len() - 1) {
+                keys[i + 1] = keys[0].clone();
+            }
+            let backends = weighted(&keys, &weights);
+            let table = build_table(&backends, PROP_SIZE, seed);
+            let expected: Vec<u32> = counts(&table, weights.len()).iter().map(|&n| n as u32).collect();
+            prop_assert_eq!(slot_counts(&backends, PROP_SIZE), expected);
         }
 
         #[test]

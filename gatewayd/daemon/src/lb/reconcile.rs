@@ -32,10 +32,13 @@ pub enum LbOp {
         backend_id: u32,
         value: maps::Backend,
     },
-    /// Replace the service's Maglev table with a fresh inner map (one atomic swap).
+    /// Replace the service's Maglev table with a fresh inner map (one atomic swap). The
+    /// operation carries what the table is built from, not the table: the map writer builds
+    /// tables just before writing them, in parallel and a batch at a time, so a plan for
+    /// thousands of services never holds all their tables at once.
     PutMaglev {
         service_id: u32,
-        table: Vec<u32>,
+        table: TableInput,
     },
     PutSourceRange {
         service_id: u32,
@@ -67,12 +70,53 @@ pub struct ProgrammedBackend {
     pub state: BackendState,
 }
 
-/// What the Maglev table of a service was built from; equal inputs give equal tables.
+/// What the Maglev table of a service is built from; equal inputs give equal tables.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableInput {
     pub table_size: u32,
     pub seed: u64,
-    pub members: Vec<(IpAddr, u32)>,
+    /// The active backends: address, weight and backend id.
+    pub members: Vec<(IpAddr, u32, u32)>,
+}
+
+impl TableInput {
+    /// The Maglev table as backend ids; empty when no backend is active.
+    pub fn build(&self) -> Vec<u32> {
+        self.with_backends(|backends| {
+            maglev::build_table(backends, self.table_size, self.seed)
+                .into_iter()
+                .map(|i| self.members[i as usize].2)
+                .collect()
+        })
+    }
+
+    /// Slots per backend id in the table [`build`](Self::build) makes, without building it.
+    pub fn slots(&self) -> BTreeMap<u32, u32> {
+        self.with_backends(|backends| {
+            let counts = maglev::slot_counts(backends, self.table_size);
+            self.members
+                .iter()
+                .zip(counts)
+                .filter(|(_, n)| *n > 0)
+                .map(|((_, _, id), n)| (*id, n))
+                .collect()
+        })
+    }
+
+    fn with_backends<T>(&self, f: impl FnOnce(&[maglev::MaglevBackend<'_>]) -> T) -> T {
+        // The hash input is the backend's address as text: the same on every gateway,
+        // whatever local ids they allocated.
+        let keys: Vec<String> = self.members.iter().map(|(addr, _, _)| addr.to_string()).collect();
+        let backends: Vec<maglev::MaglevBackend<'_>> = keys
+            .iter()
+            .zip(&self.members)
+            .map(|(k, (_, weight, _))| maglev::MaglevBackend {
+                key: k.as_bytes(),
+                weight: *weight,
+            })
+            .collect();
+        f(&backends)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,8 +129,6 @@ pub struct ProgrammedService {
     /// `None` when recovered from the maps of a previous daemon: rebuilt on the first apply
     /// (the rebuild is deterministic, so established flows keep their backends).
     pub table: Option<TableInput>,
-    /// Slots per backend id in the current table (for `gatewayctl lb list`).
-    pub slots: BTreeMap<u32, u32>,
 }
 
 /// The LB state as programmed in the maps.
@@ -195,11 +237,16 @@ impl Programmed {
             });
         }
 
-        // Operations by phase. Every service's own order holds (backends, then its table, then
-        // its VIP; stale entries last), and all Maglev swaps of a plan are adjacent, so they
-        // can be written as one batch: each single swap waits for an RCU grace period.
-        let mut removals = Vec::new();
-        let mut backend_ops = Vec::new();
+        // Operations by phase, one kind per phase. Every service's own order holds (stats and
+        // backends, then its table, then its VIP; stale entries last), and all operations of
+        // a kind are adjacent, so the map writer writes each phase with one batched call:
+        // a call per entry costs microseconds, and a Maglev swap or delete waits for an RCU
+        // grace period each.
+        let mut vip_deletes = Vec::new();
+        let mut table_deletes = Vec::new();
+        let mut service_resets = Vec::new();
+        let mut backend_resets = Vec::new();
+        let mut backend_puts = Vec::new();
         let mut tables = Vec::new();
         let mut range_puts = Vec::new();
         let mut vips = Vec::new();
@@ -209,18 +256,18 @@ impl Programmed {
 
         for (key, old) in &self.services {
             if !desired.contains_key(key) {
-                removals.push(LbOp::DeleteService { key: vip_key(key) });
-                removals.push(LbOp::DeleteMaglev {
+                vip_deletes.push(LbOp::DeleteService { key: vip_key(key) });
+                table_deletes.push(LbOp::DeleteMaglev {
                     service_id: old.service_id,
                 });
                 for range in &old.source_ranges {
-                    removals.push(LbOp::DeleteSourceRange {
+                    range_deletes.push(LbOp::DeleteSourceRange {
                         service_id: old.service_id,
                         range: *range,
                     });
                 }
                 for b in old.backends.values() {
-                    removals.push(LbOp::DeleteBackend {
+                    backend_deletes.push(LbOp::DeleteBackend {
                         backend_id: b.backend_id,
                     });
                 }
@@ -239,7 +286,7 @@ impl Programmed {
                             max: params.max_services,
                         });
                     }
-                    backend_ops.push(LbOp::ResetServiceStats { service_id: id });
+                    service_resets.push(LbOp::ResetServiceStats { service_id: id });
                     id
                 }
             };
@@ -256,13 +303,13 @@ impl Programmed {
                                 max: params.max_backends,
                             });
                         }
-                        backend_ops.push(LbOp::ResetBackendStats { backend_id: id });
+                        backend_resets.push(LbOp::ResetBackendStats { backend_id: id });
                         id
                     }
                 };
                 if old_b.map(|ob| ob.state) != Some(b.state) {
                     let (addr, family) = maps::addr_bytes(b.address);
-                    backend_ops.push(LbOp::PutBackend {
+                    backend_puts.push(LbOp::PutBackend {
                         backend_id,
                         value: maps::Backend {
                             addr,
@@ -293,29 +340,23 @@ impl Programmed {
             }
 
             // Only active backends take new flows; the table is rebuilt when that set changes.
-            let members: Vec<(IpAddr, u32)> = service
+            let members: Vec<(IpAddr, u32, u32)> = service
                 .backends
                 .iter()
                 .filter(|b| b.state == BackendState::Active)
-                .map(|b| (b.address, b.weight))
+                .map(|b| (b.address, b.weight, backends[&b.address].backend_id))
                 .collect();
             let input = TableInput {
                 table_size: params.table_size,
                 seed: params.seed,
                 members,
             };
-            let (table, slots) = match old.filter(|o| o.table.as_ref() == Some(&input)) {
-                Some(o) => (o.table.clone(), o.slots.clone()),
-                None => {
-                    let table = build_table(&input, &backends);
-                    let mut slots = BTreeMap::new();
-                    for id in &table {
-                        *slots.entry(*id).or_insert(0u32) += 1;
-                    }
-                    tables.push(LbOp::PutMaglev { service_id, table });
-                    (Some(input), slots)
-                }
-            };
+            if old.and_then(|o| o.table.as_ref()) != Some(&input) {
+                tables.push(LbOp::PutMaglev {
+                    service_id,
+                    table: input.clone(),
+                });
+            }
 
             let ranges: BTreeSet<IpNet> = service.source_ranges.iter().copied().collect();
             let old_ranges = old.map(|o| o.source_ranges.clone()).unwrap_or_default();
@@ -347,42 +388,25 @@ impl Programmed {
                     value,
                     backends,
                     source_ranges: ranges,
-                    table,
-                    slots,
+                    table: Some(input),
                 },
             );
         }
         // Removed services go first: their VIPs stop before anything else changes.
         let ops = [
-            backend_ops,
+            vip_deletes,
+            table_deletes,
+            service_resets,
+            backend_resets,
+            backend_puts,
             tables,
             range_puts,
             vips,
             range_deletes,
             backend_deletes,
         ];
-        removals.extend(ops.into_iter().flatten());
-        Ok((removals, next))
+        Ok((ops.into_iter().flatten().collect(), next))
     }
-}
-
-/// The Maglev table as backend ids; empty when no backend is active.
-fn build_table(input: &TableInput, backends: &BTreeMap<IpAddr, ProgrammedBackend>) -> Vec<u32> {
-    // The hash input is the backend's address as text: the same on every gateway, whatever
-    // local ids they allocated.
-    let keys: Vec<String> = input.members.iter().map(|(addr, _)| addr.to_string()).collect();
-    let members: Vec<maglev::MaglevBackend<'_>> = keys
-        .iter()
-        .zip(&input.members)
-        .map(|(k, (_, weight))| maglev::MaglevBackend {
-            key: k.as_bytes(),
-            weight: *weight,
-        })
-        .collect();
-    maglev::build_table(&members, input.table_size, input.seed)
-        .into_iter()
-        .map(|i| backends[&input.members[i as usize].0].backend_id)
-        .collect()
 }
 
 #[cfg(test)]
@@ -449,8 +473,8 @@ mod tests {
             [
                 "reset-svc",
                 "reset-be",
-                "backend",
                 "reset-be",
+                "backend",
                 "backend",
                 "maglev",
                 "service"
@@ -458,12 +482,17 @@ mod tests {
         );
         let s = next.services.values().next().unwrap();
         assert_eq!(s.service_id, 1);
-        let LbOp::PutMaglev { table, .. } = &ops[5] else {
+        let LbOp::PutMaglev { table: input, .. } = &ops[5] else {
             panic!()
         };
+        let table = input.build();
         assert_eq!(table.len(), 251);
         assert!(table.iter().all(|id| *id == 1 || *id == 2));
-        assert_eq!(s.slots.values().sum::<u32>(), 251);
+        let slots = input.slots();
+        assert_eq!(slots.values().sum::<u32>(), 251);
+        for (id, n) in slots {
+            assert_eq!(table.iter().filter(|t| **t == id).count() as u32, n);
+        }
     }
 
     #[test]
@@ -564,7 +593,7 @@ mod tests {
         else {
             unreachable!()
         };
-        assert!(!table.contains(&old_id));
+        assert!(!table.build().contains(&old_id));
         assert!(!ops.iter().any(|o| matches!(o, LbOp::DeleteBackend { .. })));
         assert_eq!(next.services.values().next().unwrap().backends.len(), 2);
     }
@@ -649,7 +678,7 @@ mod tests {
         let (again, _) = recovered.plan(&d, &PARAMS).unwrap();
         let table_of = |ops: &[LbOp]| {
             ops.iter().find_map(|o| match o {
-                LbOp::PutMaglev { table, .. } => Some(table.clone()),
+                LbOp::PutMaglev { table, .. } => Some(table.build()),
                 _ => None,
             })
         };

@@ -485,7 +485,7 @@ impl Balancer {
         for op in ops {
             match op {
                 LbOp::PutMaglev { service_id, table } => {
-                    self.tables.insert(*service_id, table.clone());
+                    self.tables.insert(*service_id, table.build());
                 }
                 LbOp::DeleteMaglev { service_id } => {
                     self.tables.remove(service_id);
