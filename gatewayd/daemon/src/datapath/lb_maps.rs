@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// BPF_F_INNER_MAP (lets Maglev tables of any prime size replace each other in `gd_maglev`)
 /// and BPF_F_MMAPABLE (lets the daemon fill them with one copy): the flags of the template in
@@ -194,6 +195,7 @@ impl LbMaps {
                         backends: BTreeMap::new(),
                         source_ranges: Default::default(),
                         table: None,
+                        planned_from: None,
                     },
                 ),
             );
@@ -234,7 +236,7 @@ impl LbMaps {
             }
         }
         Ok(Programmed {
-            services: by_id.into_values().collect(),
+            services: by_id.into_values().map(|(key, s)| (key, Arc::new(s))).collect(),
         })
     }
 }

@@ -9,6 +9,7 @@ use gatewayd_common::maps;
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 /// Parameters of the balancing that are the same for every service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,12 +130,27 @@ pub struct ProgrammedService {
     /// `None` when recovered from the maps of a previous daemon: rebuilt on the first apply
     /// (the rebuild is deterministic, so established flows keep their backends).
     pub table: Option<TableInput>,
+    /// The desired service this entry was planned from (`None` when recovered): an equal
+    /// one, with the same parameters, is kept as it is without looking further.
+    pub planned_from: Option<Service>,
 }
 
-/// The LB state as programmed in the maps.
+impl ProgrammedService {
+    fn serves(&self, service: &Service, params: &LbParams) -> bool {
+        self.planned_from.as_ref() == Some(service)
+            && self
+                .table
+                .as_ref()
+                .is_some_and(|t| t.table_size == params.table_size && t.seed == params.seed)
+    }
+}
+
+/// The LB state as programmed in the maps. Entries are shared with the next plan's state
+/// when their service did not change: with thousands of services, a change to a few must not
+/// cost a copy of all.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Programmed {
-    pub services: BTreeMap<ServiceKey, ProgrammedService>,
+    pub services: BTreeMap<ServiceKey, Arc<ProgrammedService>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -185,22 +201,35 @@ fn state_code(state: BackendState) -> u8 {
     }
 }
 
-/// Lowest ids from 1 that are not in `used`, marking each one used as it is handed out.
+/// Lowest ids from 1 that are not in use, marking each one used as it is handed out. An id
+/// of `max` or more means the space is full.
 struct IdAllocator {
-    used: BTreeSet<u32>,
+    /// One bit per id below `max`.
+    used: Vec<u64>,
     next: u32,
 }
 
 impl IdAllocator {
-    fn new(used: BTreeSet<u32>) -> Self {
-        IdAllocator { used, next: 1 }
-    }
-    fn take(&mut self) -> u32 {
-        while self.used.contains(&self.next) {
-            self.next += 1;
+    fn new(used: impl Iterator<Item = u32>, max: u32) -> Self {
+        let mut bits = vec![0u64; (max as usize).div_ceil(64)];
+        for id in used.filter(|id| *id < max) {
+            bits[id as usize / 64] |= 1 << (id % 64);
         }
-        self.used.insert(self.next);
-        self.next
+        IdAllocator { used: bits, next: 1 }
+    }
+
+    fn take(&mut self) -> u32 {
+        loop {
+            let id = self.next;
+            let Some(word) = self.used.get_mut(id as usize / 64) else {
+                return id;
+            };
+            self.next += 1;
+            if *word & (1 << (id % 64)) == 0 {
+                *word |= 1 << (id % 64);
+                return id;
+            }
+        }
     }
 }
 
@@ -214,12 +243,13 @@ impl Programmed {
     ) -> Result<(Vec<LbOp>, Programmed), PlanError> {
         // Ids stay taken until the plan is applied, so a freed id is never reused by the same
         // plan (a flow pinned to it could otherwise land on an unrelated backend).
-        let mut service_ids = IdAllocator::new(self.services.values().map(|s| s.service_id).collect());
+        let mut service_ids =
+            IdAllocator::new(self.services.values().map(|s| s.service_id), params.max_services);
         let mut backend_ids = IdAllocator::new(
             self.services
                 .values()
-                .flat_map(|s| s.backends.values().map(|b| b.backend_id))
-                .collect(),
+                .flat_map(|s| s.backends.values().map(|b| b.backend_id)),
+            params.max_backends,
         );
         let backends_needed: usize = desired.values().map(|s| s.backends.len()).sum();
         // Ids run from 1 and index arrays of max entries, so id max-1 is the highest usable.
@@ -276,6 +306,10 @@ impl Programmed {
 
         for (key, service) in desired {
             let old = self.services.get(key);
+            if let Some(unchanged) = old.filter(|o| o.serves(service, params)) {
+                next.services.insert(*key, unchanged.clone());
+                continue;
+            }
             let service_id = match old {
                 Some(o) => o.service_id,
                 None => {
@@ -382,14 +416,15 @@ impl Programmed {
 
             next.services.insert(
                 *key,
-                ProgrammedService {
+                Arc::new(ProgrammedService {
                     name: service.name.clone(),
                     service_id,
                     value,
                     backends,
                     source_ranges: ranges,
                     table: Some(input),
-                },
+                    planned_from: Some(service.clone()),
+                }),
             );
         }
         // Removed services go first: their VIPs stop before anything else changes.
@@ -515,6 +550,34 @@ mod tests {
         assert!(last(&is_backend) < first(&is_table) && last(&is_table) < first(&is_vip));
     }
 
+    /// The map writer writes each run of one kind with one batched call.
+    #[test]
+    fn every_kind_of_operation_is_one_run() {
+        let mut ranged = service("c", "10.0.0.3", &[("10.3.0.1", Active)]);
+        ranged.source_ranges = vec!["192.0.2.0/24".parse().unwrap()];
+        let before = desired(vec![
+            service("a", "10.0.0.1", &[("10.1.0.1", Active), ("10.1.0.2", Active)]),
+            service("b", "10.0.0.2", &[("10.2.0.1", Active)]),
+            ranged,
+        ]);
+        let (_, p) = Programmed::default().plan(&before, &PARAMS).unwrap();
+        let after = desired(vec![
+            service("a", "10.0.0.1", &[("10.1.0.1", Active), ("10.1.0.3", Active)]),
+            service("d", "10.0.0.4", &[("10.4.0.1", Active), ("10.4.0.2", Active)]),
+            service("e", "10.0.0.5", &[("10.5.0.1", Active)]),
+        ]);
+        let (ops, _) = p.plan(&after, &PARAMS).unwrap();
+        let kinds: Vec<_> = ops.iter().map(std::mem::discriminant).collect();
+        let mut runs = kinds.clone();
+        runs.dedup();
+        let distinct: BTreeSet<String> = ops
+            .iter()
+            .map(|o| format!("{:?}", std::mem::discriminant(o)))
+            .collect();
+        assert_eq!(runs.len(), distinct.len(), "{ops:#?}");
+        assert!(runs.len() >= 8, "the plan exercises most kinds: {ops:#?}");
+    }
+
     #[test]
     fn unchanged_desired_state_plans_nothing() {
         let d = desired(vec![service("web", "10.0.0.1", &[("10.1.0.1", Active)])]);
@@ -522,6 +585,37 @@ mod tests {
         let (ops, again) = programmed.plan(&d, &PARAMS).unwrap();
         assert!(ops.is_empty(), "{ops:?}");
         assert_eq!(again, programmed);
+        let (old, new) = (
+            programmed.services.values().next(),
+            again.services.values().next(),
+        );
+        assert!(
+            Arc::ptr_eq(old.unwrap(), new.unwrap()),
+            "the entry is shared, not copied"
+        );
+    }
+
+    #[test]
+    fn a_new_table_size_or_seed_rebuilds_unchanged_services() {
+        let d = desired(vec![service("web", "10.0.0.1", &[("10.1.0.1", Active)])]);
+        let (_, programmed) = Programmed::default().plan(&d, &PARAMS).unwrap();
+        for params in [
+            LbParams {
+                table_size: 509,
+                ..PARAMS
+            },
+            LbParams { seed: 8, ..PARAMS },
+        ] {
+            let (ops, _) = programmed.plan(&d, &params).unwrap();
+            let tables: Vec<_> = ops
+                .iter()
+                .filter_map(|o| match o {
+                    LbOp::PutMaglev { table, .. } => Some((table.table_size, table.seed)),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(tables, [(params.table_size, params.seed)], "{ops:?}");
+        }
     }
 
     #[test]
@@ -673,7 +767,9 @@ mod tests {
         let (ops, p) = Programmed::default().plan(&d, &PARAMS).unwrap();
         let mut recovered = p.clone();
         for s in recovered.services.values_mut() {
+            let s = Arc::make_mut(s);
             s.table = None;
+            s.planned_from = None;
         }
         let (again, _) = recovered.plan(&d, &PARAMS).unwrap();
         let table_of = |ops: &[LbOp]| {
