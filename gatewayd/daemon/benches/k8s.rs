@@ -17,7 +17,9 @@ mod common;
 use anyhow::{anyhow, bail, Context, Result};
 use gatewayd::config::{Cluster, ClusterAccess, Host, DEFAULT_LOAD_BALANCER_CLASS};
 use gatewayd::datapath::Capacities;
-use gatewayd::k8s::convert::{convert, ClusterObjects, ClusterState, Context as ConvertContext};
+use gatewayd::k8s::convert::{
+    convert, ClusterObjects, ClusterState, Context as ConvertContext, ServiceCache,
+};
 use gatewayd::k8s::sync::{self, ClusterUpdate};
 use gatewayd::lb::maglev::DEFAULT_TABLE_SIZE;
 use gatewayd::lb::reconcile::{LbParams, Programmed};
@@ -295,17 +297,23 @@ async fn measure(services: usize) -> Result<()> {
         egress_interface: None,
         host: &AnyInterface,
     };
-    let mut times = Vec::new();
-    for _ in 0..5 {
-        let t = Instant::now();
-        std::hint::black_box(convert(&cx, &objects));
-        times.push(t.elapsed());
+    // Cold: every service converted; warm: the previous call's cache, nothing changed.
+    let mut warm = ServiceCache::default();
+    for what in ["cold", "warm"] {
+        let mut times = Vec::new();
+        for _ in 0..5 {
+            let mut fresh = ServiceCache::default();
+            let cache = if what == "warm" { &mut warm } else { &mut fresh };
+            let t = Instant::now();
+            std::hint::black_box(convert(&cx, &objects, cache));
+            times.push(t.elapsed());
+        }
+        times.sort();
+        println!(
+            "conversion alone, {what} ({services} services, median of 5): {}",
+            ms(times[2])
+        );
     }
-    times.sort();
-    println!(
-        "conversion alone ({services} services, median of 5): {}",
-        ms(times[2])
-    );
     drop(child_in);
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);

@@ -69,12 +69,15 @@ pub struct Context<'a> {
     pub host: &'a dyn Host,
 }
 
-pub fn convert(cx: &Context, objects: &ClusterObjects) -> ClusterState {
+/// `cache` holds the previous call's Service conversions (empty at first): the result is the
+/// same with any cache, only faster with the last one.
+pub fn convert(cx: &Context, objects: &ClusterObjects, cache: &mut ServiceCache) -> ClusterState {
     let mut problems = Vec::new();
     let (services, global_services) = services(
         cx.cluster,
         &objects.services,
         &objects.endpoint_slices,
+        cache,
         &mut problems,
     );
     let pods = PodView::new(&objects.pods, &objects.namespaces);
@@ -132,13 +135,40 @@ fn endpoint_state(
     }
 }
 
+/// The conversions of the last state's Services, reused while a Service object and its
+/// EndpointSlices are the same objects (the same `Arc`s: a reflector stores a changed object
+/// as a new `Arc`, and a relist replaces every one). With 10,000 services, converting them
+/// all costs ~50 ms, and a burst of endpoint changes touches a few.
+#[derive(Default)]
+pub struct ServiceCache {
+    by_name: HashMap<(String, String), ServiceConversion>,
+}
+
+/// One Service object and its slices (by name), converted.
+struct ServiceConversion {
+    object: Arc<K8sService>,
+    slices: Vec<Arc<EndpointSlice>>,
+    /// One per VIP and port.
+    services: Vec<Service>,
+    problems: Vec<Problem>,
+}
+
+impl ServiceConversion {
+    fn is_of(&self, object: &Arc<K8sService>, slices: &[&Arc<EndpointSlice>]) -> bool {
+        Arc::ptr_eq(&self.object, object)
+            && self.slices.len() == slices.len()
+            && self.slices.iter().zip(slices).all(|(a, b)| Arc::ptr_eq(a, b))
+    }
+}
+
 fn services(
     cluster: &Cluster,
     services: &[Arc<K8sService>],
     slices: &[Arc<EndpointSlice>],
+    cache: &mut ServiceCache,
     problems: &mut Vec<Problem>,
 ) -> (BTreeMap<ServiceKey, Service>, BTreeSet<ServiceKey>) {
-    let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    let mut by_service: HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> = HashMap::new();
     for slice in slices {
         let ns = slice.metadata.namespace.as_deref().unwrap_or_default();
         if let Some(svc) = slice
@@ -151,116 +181,149 @@ fn services(
         }
     }
     // Store order is arbitrary; conflicts must resolve the same way on every gateway.
-    let mut served: Vec<&K8sService> = services
-        .iter()
-        .map(|s| &**s)
-        .filter(|s| is_served(cluster, s))
-        .collect();
+    let mut served: Vec<&Arc<K8sService>> = services.iter().filter(|s| is_served(cluster, s)).collect();
     served.sort_by(|a, b| {
         (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
     });
 
     let mut out = BTreeMap::new();
     let mut global = BTreeSet::new();
+    let mut converted = HashMap::with_capacity(served.len());
     for svc in served {
         let meta = &svc.metadata;
         let (ns, name) = (
             meta.namespace.as_deref().unwrap_or_default(),
             meta.name.as_deref().unwrap_or_default(),
         );
-        let mut report = |message: String| problems.push(problem("Service", meta, message));
-        let spec = svc.spec.as_ref().expect("is_served checked the spec");
-        let mut vips = Vec::new();
-        let ingress = svc
-            .status
-            .as_ref()
-            .and_then(|s| s.load_balancer.as_ref())
-            .and_then(|lb| lb.ingress.as_ref());
-        for ip in ingress.into_iter().flatten().filter_map(|i| i.ip.as_deref()) {
-            match ip.parse::<IpAddr>() {
-                Ok(ip) => vips.push(ip),
-                Err(_) => report(format!(
-                    "status.loadBalancer.ingress ip {ip:?} is not an IP address"
-                )),
-            }
-        }
-        let mut source_ranges = Vec::new();
-        for r in spec.load_balancer_source_ranges.iter().flatten() {
-            match r.trim().parse::<IpNet>() {
-                Ok(net) => source_ranges.push(net.trunc()),
-                Err(_) => report(format!("loadBalancerSourceRanges entry {r:?} is not a CIDR")),
-            }
-        }
-        let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-            spec.session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds)
-                .and_then(|t| u32::try_from(t).ok())
-                .filter(|t| *t > 0)
-                .unwrap_or(DEFAULT_AFFINITY_SECONDS)
-        });
-        let encapsulation = match (
-            annotation(meta, ANNOTATION_ENCAPSULATION),
-            annotation(meta, ANNOTATION_GUE_PORT).map(str::parse::<u16>),
-        ) {
-            (None | Some("ipip"), _) => Encapsulation::Ipip,
-            (Some("gue"), Some(Ok(port))) if port != 0 => Encapsulation::Gue { port },
-            (other, _) => {
-                report(format!(
-                    "annotation {ANNOTATION_ENCAPSULATION}={other:?} needs \"ipip\", or \"gue\" with {ANNOTATION_GUE_PORT} 1-65535; using ipip"
+        let mut slices = by_service.remove(&(ns, name)).unwrap_or_default();
+        // By name: the same order on every gateway, whatever the store's.
+        slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        let name_key = (ns.to_owned(), name.to_owned());
+        let conversion = match cache.by_name.remove(&name_key) {
+            Some(previous) if previous.is_of(svc, &slices) => previous,
+            _ => convert_service(cluster, svc, &slices),
+        };
+        problems.extend(conversion.problems.iter().cloned());
+        let is_global = annotation(meta, ANNOTATION_GLOBAL) == Some("true");
+        for service in &conversion.services {
+            let key = service.key;
+            if let Some(first) = out.get(&key).map(|s: &Service| s.name.clone()) {
+                problems.push(problem(
+                    "Service",
+                    meta,
+                    format!("{key} is already served by {first}; skipped"),
                 ));
-                Encapsulation::Ipip
+                continue;
+            }
+            if is_global {
+                global.insert(key);
+            }
+            out.insert(key, service.clone());
+        }
+        converted.insert(name_key, conversion);
+    }
+    cache.by_name = converted;
+    (out, global)
+}
+
+/// One Service object with its EndpointSlices: a model service per VIP and port.
+fn convert_service(
+    cluster: &Cluster,
+    svc: &Arc<K8sService>,
+    slices: &[&Arc<EndpointSlice>],
+) -> ServiceConversion {
+    let meta = &svc.metadata;
+    let (ns, name) = (
+        meta.namespace.as_deref().unwrap_or_default(),
+        meta.name.as_deref().unwrap_or_default(),
+    );
+    let mut problems = Vec::new();
+    let mut report = |message: String| problems.push(problem("Service", meta, message));
+    let spec = svc.spec.as_ref().expect("is_served checked the spec");
+    let mut vips = Vec::new();
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    for ip in ingress.into_iter().flatten().filter_map(|i| i.ip.as_deref()) {
+        match ip.parse::<IpAddr>() {
+            Ok(ip) => vips.push(ip),
+            Err(_) => report(format!(
+                "status.loadBalancer.ingress ip {ip:?} is not an IP address"
+            )),
+        }
+    }
+    let mut source_ranges = Vec::new();
+    for r in spec.load_balancer_source_ranges.iter().flatten() {
+        match r.trim().parse::<IpNet>() {
+            Ok(net) => source_ranges.push(net.trunc()),
+            Err(_) => report(format!("loadBalancerSourceRanges entry {r:?} is not a CIDR")),
+        }
+    }
+    let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        spec.session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .and_then(|t| u32::try_from(t).ok())
+            .filter(|t| *t > 0)
+            .unwrap_or(DEFAULT_AFFINITY_SECONDS)
+    });
+    let encapsulation = match (
+        annotation(meta, ANNOTATION_ENCAPSULATION),
+        annotation(meta, ANNOTATION_GUE_PORT).map(str::parse::<u16>),
+    ) {
+        (None | Some("ipip"), _) => Encapsulation::Ipip,
+        (Some("gue"), Some(Ok(port))) if port != 0 => Encapsulation::Gue { port },
+        (other, _) => {
+            report(format!(
+                "annotation {ANNOTATION_ENCAPSULATION}={other:?} needs \"ipip\", or \"gue\" with {ANNOTATION_GUE_PORT} 1-65535; using ipip"
+            ));
+            Encapsulation::Ipip
+        }
+    };
+    let mut services = Vec::new();
+    for port in spec.ports.iter().flatten() {
+        let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            other => {
+                report(format!(
+                    "port {}: protocol {other} is not load balanced",
+                    port.port
+                ));
+                continue;
             }
         };
-        let is_global = annotation(meta, ANNOTATION_GLOBAL) == Some("true");
-        let slices = by_service.get(&(ns, name)).map(Vec::as_slice).unwrap_or_default();
-        for port in spec.ports.iter().flatten() {
-            let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
-                "TCP" => Protocol::Tcp,
-                "UDP" => Protocol::Udp,
-                other => {
-                    report(format!(
-                        "port {}: protocol {other} is not load balanced",
-                        port.port
-                    ));
-                    continue;
-                }
-            };
-            let Ok(number) = u16::try_from(port.port) else {
-                continue;
-            };
-            for &vip in &vips {
-                let key = ServiceKey {
+        let Ok(number) = u16::try_from(port.port) else {
+            continue;
+        };
+        for &vip in &vips {
+            services.push(Service {
+                name: format!("{}/{ns}/{name}:{number}", cluster.name),
+                key: ServiceKey {
                     vip,
                     port: number,
                     protocol,
-                };
-                let backends = backends(port, vip.is_ipv6(), slices, &mut report);
-                let service = Service {
-                    name: format!("{}/{ns}/{name}:{number}", cluster.name),
-                    key,
-                    source_ranges: source_ranges
-                        .iter()
-                        .copied()
-                        .filter(|r| r.addr().is_ipv6() == vip.is_ipv6())
-                        .collect(),
-                    affinity_timeout,
-                    encapsulation,
-                    backends,
-                };
-                if let Some(first) = out.get(&key).map(|s: &Service| s.name.clone()) {
-                    report(format!("{key} is already served by {first}; skipped"));
-                    continue;
-                }
-                if is_global {
-                    global.insert(key);
-                }
-                out.insert(key, service);
-            }
+                },
+                source_ranges: source_ranges
+                    .iter()
+                    .copied()
+                    .filter(|r| r.addr().is_ipv6() == vip.is_ipv6())
+                    .collect(),
+                affinity_timeout,
+                encapsulation,
+                backends: backends(port, vip.is_ipv6(), slices, &mut report),
+            });
         }
     }
-    (out, global)
+    ServiceConversion {
+        object: svc.clone(),
+        slices: slices.iter().map(|s| Arc::clone(s)).collect(),
+        services,
+        problems,
+    }
 }
 
 /// The backends of one service port for one address family, from its EndpointSlices. The
@@ -269,7 +332,7 @@ fn services(
 fn backends(
     port: &k8s_openapi::api::core::v1::ServicePort,
     v6: bool,
-    slices: &[&EndpointSlice],
+    slices: &[&Arc<EndpointSlice>],
     report: &mut impl FnMut(String),
 ) -> Vec<Backend> {
     let family = if v6 { "IPv6" } else { "IPv4" };
@@ -640,6 +703,7 @@ mod tests {
                 host: &TestHost,
             },
             &objects(),
+            &mut ServiceCache::default(),
         )
     }
 
@@ -781,6 +845,7 @@ mod tests {
                 host: &TestHost,
             },
             &shuffled,
+            &mut ServiceCache::default(),
         );
         assert_eq!(again.desired.identities, ids);
     }
@@ -862,6 +927,44 @@ mod tests {
             egress_interface: Some("eth0"),
             host: &TestHost,
         };
-        assert_eq!(convert(&cx, &objects), full);
+        assert_eq!(convert(&cx, &objects, &mut ServiceCache::default()), full);
+    }
+
+    /// The cache only saves work: after each change, converting with the previous call's
+    /// cache gives what a fresh conversion gives.
+    #[test]
+    fn cached_conversions_follow_changed_objects() {
+        let cluster = cluster();
+        let cx = Context {
+            cluster: &cluster,
+            egress_interface: Some("eth0"),
+            host: &TestHost,
+        };
+        let mut cache = ServiceCache::default();
+        let mut objects = objects();
+        let first = convert(&cx, &objects, &mut cache);
+        assert_eq!(convert(&cx, &objects, &mut cache), first);
+
+        // An endpoint changes address: the reflector stores a new object.
+        let mut slice = (*objects.endpoint_slices[0]).clone();
+        let old: IpAddr = slice.endpoints[0].addresses[0].parse().unwrap();
+        slice.endpoints[0].addresses[0] = "10.244.9.99".into();
+        objects.endpoint_slices[0] = Arc::new(slice);
+        let changed = convert(&cx, &objects, &mut cache);
+        assert_ne!(changed, first);
+        assert_eq!(changed, convert(&cx, &objects, &mut ServiceCache::default()));
+        let addresses: Vec<IpAddr> = changed
+            .desired
+            .services
+            .values()
+            .flat_map(|s| s.backends.iter().map(|b| b.address))
+            .collect();
+        assert!(addresses.contains(&"10.244.9.99".parse().unwrap()) && !addresses.contains(&old));
+
+        // A slice and a service go away.
+        objects.endpoint_slices.remove(0);
+        objects.services.remove(0);
+        let fewer = convert(&cx, &objects, &mut cache);
+        assert_eq!(fewer, convert(&cx, &objects, &mut ServiceCache::default()));
     }
 }

@@ -414,6 +414,7 @@ pub fn spawn<H: Host + Send + Sync + 'static>(
         let mut last: Option<Arc<ClusterState>> = None;
         let mut conditions = PolicyConditions::default();
         let mut addresses = IpamWrites::default();
+        let mut converted = convert::ServiceCache::default();
         loop {
             shared.wake.notified().await;
             let first = tokio::time::Instant::now();
@@ -434,6 +435,7 @@ pub fn spawn<H: Host + Send + Sync + 'static>(
                     host: &host,
                 },
                 &objects,
+                &mut converted,
             );
             if let Some(secret) = &mut key_secret {
                 state.desired.ipsec_keys = secret.keys();
