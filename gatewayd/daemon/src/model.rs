@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Protocol {
@@ -150,7 +151,10 @@ impl fmt::Debug for IpsecKeys {
 /// Everything the reconciler programs, from every source merged.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DesiredState {
-    pub services: BTreeMap<ServiceKey, Service>,
+    /// Shared, not copied, from a source through the merge to the planner: with thousands of
+    /// services a change to a few must not copy all (and the planner recognises an unchanged
+    /// service by its pointer).
+    pub services: BTreeMap<ServiceKey, Arc<Service>>,
     pub egress_policies: Vec<EgressPolicy>,
     pub peers: Vec<Peer>,
     /// Pod address -> identity, from the Kubernetes clusters.

@@ -7,6 +7,7 @@ use crate::model::*;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// What validation needs to know about the machine it runs on.
 pub trait Host {
@@ -293,7 +294,7 @@ fn lb_settings(c: &mut Checker, raw: &RawLb) -> LbSettings {
     }
 }
 
-fn services(c: &mut Checker, raw: &[RawService]) -> BTreeMap<ServiceKey, Service> {
+fn services(c: &mut Checker, raw: &[RawService]) -> BTreeMap<ServiceKey, Arc<Service>> {
     let mut out = BTreeMap::new();
     let mut names: HashMap<&str, usize> = HashMap::new();
     let mut keys: HashMap<ServiceKey, usize> = HashMap::new();
@@ -418,14 +419,14 @@ fn services(c: &mut Checker, raw: &[RawService]) -> BTreeMap<ServiceKey, Service
         }
         out.insert(
             key,
-            Service {
+            Arc::new(Service {
                 name: s.name.clone(),
                 key,
                 source_ranges,
                 affinity_timeout: s.session_affinity_timeout,
                 encapsulation,
                 backends,
-            },
+            }),
         );
     }
     out

@@ -149,7 +149,7 @@ struct ServiceConversion {
     object: Arc<K8sService>,
     slices: Vec<Arc<EndpointSlice>>,
     /// One per VIP and port.
-    services: Vec<Service>,
+    services: Vec<Arc<Service>>,
     problems: Vec<Problem>,
 }
 
@@ -167,7 +167,7 @@ fn services(
     slices: &[Arc<EndpointSlice>],
     cache: &mut ServiceCache,
     problems: &mut Vec<Problem>,
-) -> (BTreeMap<ServiceKey, Service>, BTreeSet<ServiceKey>) {
+) -> (BTreeMap<ServiceKey, Arc<Service>>, BTreeSet<ServiceKey>) {
     let mut by_service: HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> = HashMap::new();
     for slice in slices {
         let ns = slice.metadata.namespace.as_deref().unwrap_or_default();
@@ -207,7 +207,7 @@ fn services(
         let is_global = annotation(meta, ANNOTATION_GLOBAL) == Some("true");
         for service in &conversion.services {
             let key = service.key;
-            if let Some(first) = out.get(&key).map(|s: &Service| s.name.clone()) {
+            if let Some(first) = out.get(&key).map(|s: &Arc<Service>| s.name.clone()) {
                 problems.push(problem(
                     "Service",
                     meta,
@@ -300,7 +300,7 @@ fn convert_service(
             continue;
         };
         for &vip in &vips {
-            services.push(Service {
+            services.push(Arc::new(Service {
                 name: format!("{}/{ns}/{name}:{number}", cluster.name),
                 key: ServiceKey {
                     vip,
@@ -315,7 +315,7 @@ fn convert_service(
                 affinity_timeout,
                 encapsulation,
                 backends: backends(port, vip.is_ipv6(), slices, &mut report),
-            });
+            }));
         }
     }
     ServiceConversion {

@@ -48,7 +48,7 @@ pub fn merge(
                 Some(existing) if is_global && global.contains(key) => {
                     for b in &svc.backends {
                         if !existing.backends.iter().any(|e| e.address == b.address) {
-                            existing.backends.push(b.clone());
+                            Arc::make_mut(existing).backends.push(b.clone());
                         }
                     }
                 }
@@ -162,7 +162,7 @@ mod tests {
                 BTreeSet::new()
             },
             desired: DesiredState {
-                services: services.into_iter().map(|s| (s.key, s)).collect(),
+                services: services.into_iter().map(|s| (s.key, Arc::new(s))).collect(),
                 ..Default::default()
             },
             ..Default::default()
@@ -177,7 +177,11 @@ mod tests {
             protocol: Protocol::Tcp,
         };
         let base = DesiredState {
-            services: [(key("10.0.0.1"), service("toml", key("10.0.0.1"), &["10.1.0.1"]))].into(),
+            services: [(
+                key("10.0.0.1"),
+                Arc::new(service("toml", key("10.0.0.1"), &["10.1.0.1"])),
+            )]
+            .into(),
             ..Default::default()
         };
         let clusters = BTreeMap::from([

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// `ClusterState` without what is recomputed anyway (problems, verdicts), in a JSON-friendly
 /// shape (no struct map keys).
@@ -31,7 +32,7 @@ pub fn save(path: &Path, cluster: &str, state: &ClusterState) -> Result<()> {
     let d = &state.desired;
     let saved = Saved {
         cluster: cluster.to_owned(),
-        services: d.services.values().cloned().collect(),
+        services: d.services.values().map(|s| Service::clone(s)).collect(),
         global_services: state.global_services.iter().copied().collect(),
         egress_policies: d.egress_policies.clone(),
         peers: d.peers.clone(),
@@ -58,7 +59,7 @@ pub fn load(path: &Path, cluster: &str) -> Result<Option<ClusterState>> {
     }
     Ok(Some(ClusterState {
         desired: DesiredState {
-            services: saved.services.into_iter().map(|s| (s.key, s)).collect(),
+            services: saved.services.into_iter().map(|s| (s.key, Arc::new(s))).collect(),
             egress_policies: saved.egress_policies,
             peers: saved.peers,
             identities: saved.identities.into_iter().collect(),
@@ -86,7 +87,7 @@ mod tests {
         let mut state = ClusterState::default();
         state.desired.services.insert(
             key,
-            Service {
+            Arc::new(Service {
                 name: "c/ns/web:80".into(),
                 key,
                 source_ranges: vec!["192.0.2.0/24".parse().unwrap()],
@@ -97,7 +98,7 @@ mod tests {
                     weight: 7,
                     state: BackendState::Terminating,
                 }],
-            },
+            }),
         );
         state.global_services.insert(key);
         state.desired.identities.insert(

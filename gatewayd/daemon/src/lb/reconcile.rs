@@ -132,12 +132,14 @@ pub struct ProgrammedService {
     pub table: Option<TableInput>,
     /// The desired service this entry was planned from (`None` when recovered): an equal
     /// one, with the same parameters, is kept as it is without looking further.
-    pub planned_from: Option<Service>,
+    pub planned_from: Option<Arc<Service>>,
 }
 
 impl ProgrammedService {
-    fn serves(&self, service: &Service, params: &LbParams) -> bool {
-        self.planned_from.as_ref() == Some(service)
+    fn serves(&self, service: &Arc<Service>, params: &LbParams) -> bool {
+        self.planned_from
+            .as_ref()
+            .is_some_and(|from| Arc::ptr_eq(from, service) || from == service)
             && self
                 .table
                 .as_ref()
@@ -238,7 +240,7 @@ impl Programmed {
     /// Capacity is checked first, so an oversized change touches nothing.
     pub fn plan(
         &self,
-        desired: &BTreeMap<ServiceKey, Service>,
+        desired: &BTreeMap<ServiceKey, Arc<Service>>,
         params: &LbParams,
     ) -> Result<(Vec<LbOp>, Programmed), PlanError> {
         // Ids stay taken until the plan is applied, so a freed id is never reused by the same
@@ -478,8 +480,8 @@ mod tests {
         }
     }
 
-    fn desired(services: Vec<Service>) -> BTreeMap<ServiceKey, Service> {
-        services.into_iter().map(|s| (s.key, s)).collect()
+    fn desired(services: Vec<Service>) -> BTreeMap<ServiceKey, Arc<Service>> {
+        services.into_iter().map(|s| (s.key, Arc::new(s))).collect()
     }
 
     use BackendState::*;

@@ -476,7 +476,10 @@ impl Balancer {
 
     /// The planner's operations toward `services`, and the state after them.
     pub fn plan(&self, services: &[Service]) -> Result<(Vec<LbOp>, Programmed)> {
-        let desired: BTreeMap<ServiceKey, Service> = services.iter().map(|s| (s.key, s.clone())).collect();
+        let desired: BTreeMap<ServiceKey, std::sync::Arc<Service>> = services
+            .iter()
+            .map(|s| (s.key, std::sync::Arc::new(s.clone())))
+            .collect();
         Ok(self.programmed.plan(&desired, &self.params)?)
     }
 
