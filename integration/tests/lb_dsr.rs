@@ -466,6 +466,23 @@ fn tcp_and_udp_reach_backends_directly_and_spread_by_weight() -> Result<()> {
             served.get(name)
         );
     }
+    // The Maglev slots it reports are the weights' shares of the 16381-slot table.
+    let list = lab.ctl(&["lb", "list"])?;
+    let web = list
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "web"))
+        .ok_or_else(|| anyhow!("no service web in {list}"))?;
+    let mut slots = BTreeMap::new();
+    for b in web["backends"].as_array().into_iter().flatten() {
+        let name = lab.backend_name(b["address"].as_str().unwrap_or_default())?;
+        slots.insert(name, b["maglev_slots"].as_u64().unwrap_or_default());
+    }
+    let expected_slots = BTreeMap::from([
+        ("b1".to_owned(), 4095),
+        ("b2".to_owned(), 8191),
+        ("b3".to_owned(), 4095),
+    ]);
+    ensure!(slots == expected_slots, "gatewayctl lb list slots: {slots:?}");
     let dns_flows = lab.backend_flows("dns")?;
     for name in BACKEND_NAMES {
         ensure!(
