@@ -567,6 +567,36 @@ fn removed_service_stops_being_balanced() {
     assert_reasons(&lb, &[("non_vip_pass", reason(1, f.len()))]);
 }
 
+/// Removals are written in batches; an entry already gone (removed behind the daemon's back)
+/// is skipped, and the rest of the batch still goes.
+#[test]
+fn removing_services_skips_entries_already_gone() {
+    let Some((topo, mut lb)) = fixture("removing_services_skips_entries_already_gone") else {
+        return;
+    };
+    let services: Vec<Service> = (80..83)
+        .map(|port| service(VIP4, port, Protocol::Tcp, &active(&v4_backends(10..12))))
+        .collect();
+    lb.serve(&services).unwrap();
+    let maps = lb.datapath.pins().maps();
+    let open = |name: &str| aya::maps::MapData::from_pin(maps.join(name)).unwrap();
+    let mut vips: aya::maps::HashMap<_, gatewayd_common::maps::VipKey, gatewayd_common::maps::Service> =
+        aya::maps::Map::HashMap(open("gd_services")).try_into().unwrap();
+    let mut tables: aya::maps::HashOfMaps<_, u32, aya::maps::MapData> =
+        aya::maps::Map::HashOfMaps(open("gd_maglev")).try_into().unwrap();
+    let middle = &services[1].key;
+    vips.remove(&gatewayd::lb::reconcile::vip_key(middle)).unwrap();
+    tables.remove(&lb.service_id(middle)).unwrap();
+
+    lb.serve(&[]).unwrap();
+    assert_eq!(vips.keys().count(), 0);
+    assert_eq!(tables.keys().count(), 0);
+    for port in 80..83 {
+        let f = Pkt::tcp(CLIENT4, 40000, VIP4, port).frame();
+        assert_untouched(&topo.run(lb.program(), &f).unwrap(), &f, XDP_PASS);
+    }
+}
+
 #[test]
 fn ipv4_fragments_to_a_vip() {
     let Some((topo, mut lb)) = fixture("ipv4_fragments_to_a_vip") else {
