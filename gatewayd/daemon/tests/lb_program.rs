@@ -597,6 +597,80 @@ fn removing_services_skips_entries_already_gone() {
     }
 }
 
+/// A `gd_maglev` pinned by an older build, whose inner maps have other flags (before they
+/// were mmapable), would refuse every new table: it is recreated at load, and tables go in.
+#[test]
+fn maglev_map_of_an_older_layout_is_recreated() {
+    if !require_root("maglev_map_of_an_older_layout_is_recreated") {
+        return;
+    }
+    use aya::maps::{HashOfMaps, MapData};
+    use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+    const OLD_FLAGS: u32 = 1 << 12; // BPF_F_INNER_MAP alone
+    let old_table = || {
+        MapData::create(
+            aya_obj::Map::new_from_params(2 /* ARRAY */, 4, 4, 8, OLD_FLAGS),
+            "old_tbl",
+            None,
+        )
+        .unwrap()
+    };
+    // The outer map as the older build created it (aya cannot create a map-in-map).
+    #[repr(C)]
+    #[derive(Default)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+        inner_map_fd: u32,
+        numa_node: u32,
+        map_name: [u8; 16],
+        rest: [u32; 16],
+    }
+    let template = old_table();
+    let mut attr = MapCreate {
+        map_type: 13, // HASH_OF_MAPS
+        key_size: 4,
+        value_size: 4,
+        max_entries: test_capacities().max_services,
+        inner_map_fd: template.fd().as_fd().as_raw_fd() as u32,
+        ..Default::default()
+    };
+    attr.map_name[..9].copy_from_slice(b"gd_maglev");
+    // SAFETY: BPF_MAP_CREATE (0) with a zero-padded attr of the kernel's leading layout.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            0,
+            &mut attr as *mut MapCreate,
+            std::mem::size_of::<MapCreate>(),
+        )
+    };
+    assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+    // SAFETY: the kernel just returned this descriptor to us.
+    let outer = MapData::from_fd(unsafe { OwnedFd::from_raw_fd(fd as i32) }).unwrap();
+    let pins = ScratchPins::new();
+    let maps_dir = gatewayd::datapath::Pins::new(&pins.path).maps();
+    gatewayd::datapath::ensure_bpffs(&pins.path).unwrap();
+    std::fs::create_dir_all(&maps_dir).unwrap();
+    outer.pin(maps_dir.join("gd_maglev")).unwrap();
+    let mut held: HashOfMaps<MapData, u32, MapData> = aya::maps::Map::HashOfMaps(outer).try_into().unwrap();
+    held.insert(1, &old_table(), 0).unwrap();
+
+    let mut datapath = gatewayd::datapath::Datapath::open(&pins.path, &test_capacities()).unwrap();
+    let mut maps = gatewayd::datapath::lb_maps::LbMaps::new(datapath.ebpf_mut(), &maps_dir).unwrap();
+    let desired = [service(VIP4, 80, Protocol::Tcp, &active(&v4_backends(10..12)))]
+        .into_iter()
+        .map(|s| (s.key, std::sync::Arc::new(s)))
+        .collect();
+    let (ops, _) = gatewayd::lb::reconcile::Programmed::default()
+        .plan(&desired, &TEST_PARAMS)
+        .unwrap();
+    maps.apply(&ops).unwrap();
+}
+
 #[test]
 fn ipv4_fragments_to_a_vip() {
     let Some((topo, mut lb)) = fixture("ipv4_fragments_to_a_vip") else {

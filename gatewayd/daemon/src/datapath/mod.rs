@@ -755,8 +755,11 @@ fn drop_incompatible_maps(dir: &Path, object: &[u8], overrides: &[(&str, u32)]) 
         // Per-CPU and ring-buffer sizes are rounded by the kernel; arrays and hashes are exact.
         check("max entries", live.max_entries(), max_entries);
         check("flags", live.map_flags(), def.map_flags());
-        if let (Some(template), Some(held)) = (def.inner(), inner_map_flags(&pin)?) {
-            check("inner map flags", held, template.map_flags());
+        const BPF_MAP_TYPE_HASH_OF_MAPS: u32 = 13;
+        if let Some(template) = def.inner().filter(|_| live_type == BPF_MAP_TYPE_HASH_OF_MAPS) {
+            if let Some(held) = inner_map_flags(&pin)? {
+                check("inner map flags", held, template.map_flags());
+            }
         }
         if !changes.is_empty() {
             warn!(
@@ -776,7 +779,7 @@ fn drop_incompatible_maps(dir: &Path, object: &[u8], overrides: &[(&str, u32)]) 
 /// an older layout is kept, and its first insert fails with an error naming it.)
 fn inner_map_flags(pin: &Path) -> Result<Option<u32>> {
     let outer: aya::maps::HashOfMaps<aya::maps::MapData, u32, aya::maps::MapData> =
-        aya::maps::Map::HashOfMaps(aya::maps::MapData::from_pin(pin)?).try_into()?;
+        aya::maps::Map::from_map_data(aya::maps::MapData::from_pin(pin)?)?.try_into()?;
     let Some(key) = outer.keys().next() else {
         return Ok(None);
     };
