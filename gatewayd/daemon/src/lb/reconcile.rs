@@ -137,9 +137,9 @@ pub struct ProgrammedService {
 
 impl ProgrammedService {
     fn serves(&self, service: &Arc<Service>, params: &LbParams) -> bool {
-        self.planned_from
-            .as_ref()
-            .is_some_and(|from| Arc::ptr_eq(from, service) || from == service)
+        // `Arc`'s equality compares pointers first: a service shared from the source costs
+        // no deeper look.
+        self.planned_from.as_ref() == Some(service)
             && self
                 .table
                 .as_ref()
