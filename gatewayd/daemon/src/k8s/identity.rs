@@ -75,13 +75,7 @@ pub fn allocate(cluster_id: u32, sets: &BTreeSet<LabelSet>) -> BTreeMap<LabelSet
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::k8s::labels;
 
     #[test]
     fn ignored_labels_do_not_split_identities() {

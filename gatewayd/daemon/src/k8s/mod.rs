@@ -19,6 +19,15 @@ use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
+/// A label map from pairs, for the tests of the sync's parts.
+#[cfg(test)]
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 /// The TOML's state plus every cluster's, and the conflicts met on the way (each once, stable
 /// text, so the caller can log only new ones). The TOML wins over clusters, a lower cluster id
 /// over a higher one, except for services every claimant marked global, whose backends merge.

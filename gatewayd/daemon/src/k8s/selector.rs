@@ -48,17 +48,11 @@ pub fn validate(selector: &LabelSelector) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::k8s::labels;
     use serde_json::json;
 
     fn selector(v: serde_json::Value) -> LabelSelector {
         serde_json::from_value(v).unwrap()
-    }
-
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
     }
 
     #[test]
