@@ -1,9 +1,11 @@
 //! Types shared by the `gatewayd` daemon and the `gatewayctl` CLI.
 //!
 //! - [`maps`]: `#[repr(C)]` mirrors of the eBPF map layouts in `xdp/include/gatewayd_maps.h`.
+//! - [`map_names`]: the name of every map of those objects, written once.
 //! - [`api`]: the JSON protocol spoken over the daemon's unix control socket.
 
 pub mod api;
+pub mod map_names;
 pub mod maps;
 
 #[cfg(feature = "aya")]

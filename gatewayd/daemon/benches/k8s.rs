@@ -22,7 +22,7 @@ use gatewayd::k8s::convert::{
 };
 use gatewayd::k8s::sync::{self, ClusterUpdate};
 use gatewayd::lb::maglev::DEFAULT_TABLE_SIZE;
-use gatewayd::lb::reconcile::{LbParams, Programmed};
+use gatewayd::lb::plan::{LbParams, Programmed};
 use gatewayd::model::DesiredState;
 use gatewayd_integration::apiserver::{kubeconfig_for, ApiServer};
 use serde_json::{json, Value};

@@ -33,7 +33,7 @@ use aya::programs::Xdp;
 use common::*;
 use gatewayd::datapath::Capacities;
 use gatewayd::lb::maglev::{build_table, MaglevBackend};
-use gatewayd::lb::reconcile::LbParams;
+use gatewayd::lb::plan::LbParams;
 use gatewayd::model::{BackendState, Protocol, Service};
 use gatewayd_common::maps::{FlowEvent, FlowKey, LbFlow, Observe, EVENT_LB_NEW_FLOW};
 use std::net::{IpAddr, Ipv4Addr};

@@ -3,17 +3,18 @@
 
 use crate::config::{self, Config, SystemHost};
 use crate::control;
-use crate::datapath::addresses::EgressAddresses;
-use crate::datapath::egress_maps::EgressMaps;
-use crate::datapath::lb_maps::{self, LbMaps};
-use crate::datapath::neighbours::Neighbours;
-use crate::datapath::{Attachment, Capacities, Datapath, Hook, LB_PROGRAM};
+use crate::datapath::objects::LB_PROGRAM;
+use crate::datapath::{Attachment, Capacities, Datapath, Hook};
 use crate::egress::gateway::EgressGateway;
+use crate::egress::maps::EgressMaps;
 use crate::encryption::Encryption;
 use crate::events::EventHub;
+use crate::host::addresses::EgressAddresses;
+use crate::host::neighbours::Neighbours;
 use crate::k8s::convert::ClusterState;
 use crate::k8s::sync::{ClusterUpdate, SharedStatus};
-use crate::lb::reconcile::{LbParams, Programmed};
+use crate::lb::maps::{self as lb_maps, LbMaps};
+use crate::lb::plan::{LbParams, Programmed};
 use crate::metrics::{self, BackendLabels, Metrics, ServiceLabels, ServiceView, Snapshot};
 use crate::model::DesiredState;
 use anyhow::{Context, Result};
@@ -267,7 +268,8 @@ impl Daemon {
             })
             .collect();
         wanted.extend(EgressGateway::attachments(&desired.egress_policies));
-        self.datapath.sync_attachments(&wanted)?;
+        let attachments = self.datapath.plan_attachments(wanted)?;
+        self.datapath.apply_attachments(attachments)?;
         // Once per change: cluster updates come often.
         if s.encryption.mode == crate::config::EncryptionMode::None
             && !desired.peers.is_empty()
@@ -285,12 +287,12 @@ impl Daemon {
             .settings
             .interfaces
             .iter()
-            .find_map(|i| lb_maps::interface_address(&i.name, v6))
+            .find_map(|i| crate::host::interface_address(&i.name, v6))
             .map(IpNet::from)
     }
 
     /// After an apply: keeps the backends' next hops resolved by the kernel (see
-    /// datapath::neighbours) and the egress addresses assigned.
+    /// host::neighbours) and the egress addresses assigned.
     async fn sync_netlink(&mut self) {
         let desired = &self.desired;
         let backends: Vec<_> = desired

@@ -4,11 +4,12 @@
 //! the first observer subscribes and clears it when the last one leaves, so an unobserved
 //! gateway pays nothing for the feature.
 
-use crate::datapath::open_pinned_map;
+use crate::datapath::pins::open_pinned_map;
 use crate::metrics::Metrics;
 use anyhow::Result;
 use aya::maps::{Array, MapData, RingBuf};
 use gatewayd_common::api;
+use gatewayd_common::map_names;
 use gatewayd_common::maps::{self as m, addr_from_bytes, REASON_NAMES};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -37,10 +38,10 @@ impl Drop for Subscription {
 impl EventHub {
     /// Starts reading `gd_events`; `metrics` supplies the names of service and backend ids.
     pub fn start(maps_dir: &Path, metrics: Arc<Metrics>) -> Result<Arc<Self>> {
-        let mut observe: Array<MapData, m::Observe> = open_pinned_map(maps_dir, "gd_observe")?;
+        let mut observe: Array<MapData, m::Observe> = open_pinned_map(maps_dir, map_names::OBSERVE)?;
         // A daemon killed while observed leaves the flag on: nobody is observing now.
         observe.set(0, m::Observe::default(), 0)?;
-        let ring: RingBuf<MapData> = open_pinned_map(maps_dir, "gd_events")?;
+        let ring: RingBuf<MapData> = open_pinned_map(maps_dir, map_names::EVENTS)?;
         let (events, _) = broadcast::channel(4096);
         let hub = Arc::new(EventHub {
             events,

@@ -17,6 +17,7 @@ pub mod datapath;
 pub mod egress;
 pub mod encryption;
 pub mod events;
+pub mod host;
 pub mod k8s;
 pub mod lb;
 pub mod logging;

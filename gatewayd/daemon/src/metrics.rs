@@ -4,12 +4,13 @@
 //! labels (which id is which service and backend) after each reconcile, and the scrape reads the
 //! per-CPU counters itself, on a blocking thread, through its own handles on the pinned maps.
 
-use crate::datapath::lb_maps::LbCounters;
-use crate::datapath::open_pinned_map;
+use crate::datapath::pins::open_pinned_map;
 use crate::k8s::sync::{SharedStatus, SyncState};
+use crate::lb::maps::LbCounters;
 use anyhow::{Context, Result};
 use aya::maps::{MapData, PerCpuArray};
 use gatewayd_common::api;
+use gatewayd_common::map_names;
 use gatewayd_common::maps::EgressCounters;
 use gatewayd_common::maps::REASON_NAMES;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -209,7 +210,7 @@ impl Metrics {
         let snapshot = self.snapshot();
         let mut guard = self.counters.lock().expect("counters lock");
         if guard.is_none() {
-            let egress = open_pinned_map(&self.maps_dir, "gd_egress_stats")?;
+            let egress = open_pinned_map(&self.maps_dir, map_names::EGRESS_STATS)?;
             *guard = Some((LbCounters::open(&self.maps_dir)?, egress));
         }
         let (counters, egress_stats) = guard.as_ref().expect("opened above");

@@ -585,7 +585,7 @@ fn removing_services_skips_entries_already_gone() {
     let mut tables: aya::maps::HashOfMaps<_, u32, aya::maps::MapData> =
         aya::maps::Map::HashOfMaps(open("gd_maglev")).try_into().unwrap();
     let middle = &services[1].key;
-    vips.remove(&gatewayd::lb::reconcile::vip_key(middle)).unwrap();
+    vips.remove(&gatewayd::lb::plan::vip_key(middle)).unwrap();
     tables.remove(&lb.service_id(middle)).unwrap();
 
     lb.serve(&[]).unwrap();
@@ -660,12 +660,12 @@ fn maglev_map_of_an_older_layout_is_recreated() {
     held.insert(1, &old_table(), 0).unwrap();
 
     let mut datapath = gatewayd::datapath::Datapath::open(&pins.path, &test_capacities()).unwrap();
-    let mut maps = gatewayd::datapath::lb_maps::LbMaps::new(datapath.ebpf_mut(), &maps_dir).unwrap();
+    let mut maps = gatewayd::lb::maps::LbMaps::new(datapath.ebpf_mut(), &maps_dir).unwrap();
     let desired = [service(VIP4, 80, Protocol::Tcp, &active(&v4_backends(10..12)))]
         .into_iter()
         .map(|s| (s.key, std::sync::Arc::new(s)))
         .collect();
-    let (ops, _) = gatewayd::lb::reconcile::Programmed::default()
+    let (ops, _) = gatewayd::lb::plan::Programmed::default()
         .plan(&desired, &TEST_PARAMS)
         .unwrap();
     maps.apply(&ops).unwrap();
@@ -1270,7 +1270,7 @@ fn in_ipsec_mode_encapsulated_packets_are_routed_by_the_kernel() {
         service(VIP6, 80, Protocol::Tcp, &active(&[b6])),
     ])
     .unwrap();
-    let mut settings = gatewayd::datapath::lb_maps::lb_settings(
+    let mut settings = gatewayd::lb::maps::lb_settings(
         Some(format!("{GW4}/32").parse().unwrap()),
         Some(format!("{GW6}/128").parse().unwrap()),
     );

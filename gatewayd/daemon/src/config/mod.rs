@@ -9,7 +9,7 @@
 mod raw;
 mod validate;
 
-use crate::model::DesiredState;
+use crate::model::{DesiredState, XdpMode};
 use ipnet::IpNet;
 use std::fmt;
 use std::net::SocketAddr;
@@ -153,23 +153,6 @@ pub enum LogFormat {
 pub struct Interface {
     pub name: String,
     pub xdp_mode: XdpMode,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum XdpMode {
-    Native,
-    Generic,
-    Offload,
-}
-
-impl fmt::Display for XdpMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            XdpMode::Native => "native",
-            XdpMode::Generic => "generic",
-            XdpMode::Offload => "offload",
-        })
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

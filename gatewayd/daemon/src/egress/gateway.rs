@@ -1,12 +1,13 @@
 //! The egress gateway at run time: policies compiled and written to the maps, egress addresses
 //! assigned, NAT entries expired, and what `gatewayctl egress list` / `nat list` show.
 
+use super::maps::EgressMaps;
 use super::plan::{self, Compiled, EgressOp};
 use crate::config::EgressSettings;
-use crate::datapath::addresses::EgressAddresses;
-use crate::datapath::egress_maps::EgressMaps;
-use crate::datapath::lb_maps::interface_address;
-use crate::datapath::{monotonic_ns, Attachment, Hook, RNAT_PROGRAM, SNAT_PROGRAM};
+use crate::datapath::objects::{RNAT_PROGRAM, SNAT_PROGRAM};
+use crate::datapath::{monotonic_ns, Attachment, Hook};
+use crate::host::addresses::EgressAddresses;
+use crate::host::interface_address;
 use crate::metrics::PolicyLabels;
 use crate::model::EgressPolicy;
 use crate::state_file;

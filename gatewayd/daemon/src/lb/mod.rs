@@ -1,4 +1,6 @@
-//! Load balancing logic that needs no kernel: Maglev tables and the reconcile planner.
+//! The load balancer: Maglev tables ([`maglev`]), the pure planner ([`plan`]), the map writer
+//! ([`maps`]).
 
 pub mod maglev;
-pub mod reconcile;
+pub mod maps;
+pub mod plan;

@@ -12,9 +12,9 @@
 use anyhow::{bail, Context, Result};
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
-use gatewayd::datapath::lb_maps::{self, LbMaps};
 use gatewayd::datapath::{Capacities, Datapath};
-use gatewayd::lb::reconcile::{LbOp, LbParams, Programmed};
+use gatewayd::lb::maps::{self as lb_maps, LbMaps};
+use gatewayd::lb::plan::{LbOp, LbParams, Programmed};
 use gatewayd::model::{Backend, BackendState, Encapsulation, Protocol, Service, ServiceKey};
 use gatewayd_common::maps::{FlowKey, LbFlow, ReasonCounters, TrafficCounters, REASON_NAMES};
 use ipnet::IpNet;

@@ -148,6 +148,24 @@ impl fmt::Debug for IpsecKeys {
     }
 }
 
+/// How an XDP program runs on an interface (`interfaces[].xdp_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum XdpMode {
+    Native,
+    Generic,
+    Offload,
+}
+
+impl fmt::Display for XdpMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            XdpMode::Native => "native",
+            XdpMode::Generic => "generic",
+            XdpMode::Offload => "offload",
+        })
+    }
+}
+
 /// Everything the reconciler programs, from every source merged.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DesiredState {

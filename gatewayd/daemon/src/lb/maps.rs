@@ -1,17 +1,20 @@
 //! The load balancer's maps: executing reconcile operations, recovering the programmed state
 //! from maps a previous daemon left pinned, and reading counters.
 
-use super::{delete_batch, ignore_missing, open_pinned_map, take_map, update_batch};
-use crate::lb::reconcile::{LbOp, Programmed, ProgrammedBackend, ProgrammedService, TableInput};
+use super::plan::{LbOp, Programmed, ProgrammedBackend, ProgrammedService, TableInput};
+use crate::datapath::ignore_missing;
+use crate::datapath::loader::take_map;
+use crate::datapath::pins::open_pinned_map;
+use crate::datapath::sys::{delete_batch, fill_u32_array, update_batch};
 use crate::model::{BackendState, ServiceKey};
 use anyhow::{Context, Result};
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::Ebpf;
+use gatewayd_common::map_names;
 use gatewayd_common::maps::*;
 use ipnet::IpNet;
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -55,13 +58,13 @@ impl LbMaps {
         };
         Ok(LbMaps {
             maps_dir: maps_dir.to_owned(),
-            services: pinned("gd_services")?,
-            maglev: pinned("gd_maglev")?,
-            backends: pinned("gd_backends")?,
-            service_stats: pinned("gd_svc_stats")?,
-            backend_stats: pinned("gd_be_stats")?,
-            source_ranges: take_map(ebpf, "gd_src_ranges")?,
-            settings: take_map(ebpf, "gd_lb_settings")?,
+            services: pinned(map_names::SERVICES)?,
+            maglev: pinned(map_names::MAGLEV)?,
+            backends: pinned(map_names::BACKENDS)?,
+            service_stats: pinned(map_names::SERVICE_STATS)?,
+            backend_stats: pinned(map_names::BACKEND_STATS)?,
+            source_ranges: take_map(ebpf, map_names::SOURCE_RANGES)?,
+            settings: take_map(ebpf, map_names::LB_SETTINGS)?,
             counters: LbCounters::open(maps_dir)?,
         })
     }
@@ -176,8 +179,9 @@ impl LbMaps {
     /// Rebuilds the programmed state from the maps, e.g. after a restart: ids stay as the
     /// previous daemon allocated them, so established flows keep pointing at the right backends.
     pub fn recover(&self) -> Result<Programmed> {
-        let services: HashMap<MapData, VipKey, Service> = open_pinned_map(&self.maps_dir, "gd_services")?;
-        let backends: Array<MapData, Backend> = open_pinned_map(&self.maps_dir, "gd_backends")?;
+        let services: HashMap<MapData, VipKey, Service> =
+            open_pinned_map(&self.maps_dir, map_names::SERVICES)?;
+        let backends: Array<MapData, Backend> = open_pinned_map(&self.maps_dir, map_names::BACKENDS)?;
         let mut by_id: BTreeMap<u32, (ServiceKey, ProgrammedService)> = BTreeMap::new();
         for entry in services.iter() {
             let (key, value) = entry?;
@@ -243,15 +247,15 @@ impl LbMaps {
 
 impl LbCounters {
     pub fn open(maps_dir: &Path) -> Result<Self> {
-        let flows_pin = maps_dir.join("gd_lb_flows");
+        let flows_pin = maps_dir.join(map_names::LB_FLOWS);
         let flow_capacity = aya::maps::MapInfo::from_pin(&flows_pin)
             .with_context(|| format!("opening {}", flows_pin.display()))?
             .max_entries();
         Ok(LbCounters {
-            service_stats: open_pinned_map(maps_dir, "gd_svc_stats")?,
-            backend_stats: open_pinned_map(maps_dir, "gd_be_stats")?,
-            reasons: open_pinned_map(maps_dir, "gd_reasons")?,
-            flows: open_pinned_map(maps_dir, "gd_lb_flows")?,
+            service_stats: open_pinned_map(maps_dir, map_names::SERVICE_STATS)?,
+            backend_stats: open_pinned_map(maps_dir, map_names::BACKEND_STATS)?,
+            reasons: open_pinned_map(maps_dir, map_names::REASONS)?,
+            flows: open_pinned_map(maps_dir, map_names::LB_FLOWS)?,
             flow_capacity,
         })
     }
@@ -326,37 +330,15 @@ fn new_tables(inputs: &[&TableInput]) -> Result<Vec<MapData>> {
 /// a batched update costs the kernel ~3 ms per table of the default size (one element at a
 /// time), and 10,000 services would take half a minute.
 fn new_table(table: &[u32]) -> Result<MapData> {
-    use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
-    use std::num::NonZeroUsize;
     const BPF_MAP_TYPE_ARRAY: u32 = 2;
     let entries = table.len() + 1;
     let inner = MapData::create(
         aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, 4, entries as u32, MAGLEV_TABLE_FLAGS),
-        "gd_maglev_tbl",
+        map_names::MAGLEV_TABLE,
         None,
     )?;
-    // The kernel stores array values 8-byte aligned: element i's u32 starts at byte 8 * i.
-    const STRIDE: usize = 2;
-    let bytes = NonZeroUsize::new(entries * STRIDE * 4).expect("at least the size slot");
-    // SAFETY: a fresh shared mapping of the whole array (the kernel rounds it up to pages),
-    // written within its `entries` elements and unmapped before anything else sees it.
-    unsafe {
-        let base = mmap(
-            None,
-            bytes,
-            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-            MapFlags::MAP_SHARED,
-            inner.fd().as_fd(),
-            0,
-        )
-        .context("mapping a new Maglev table")?;
-        let words = std::slice::from_raw_parts_mut(base.as_ptr().cast::<u32>(), entries * STRIDE);
-        let values = std::iter::once(table.len() as u32).chain(table.iter().copied());
-        for (element, value) in words.chunks_exact_mut(STRIDE).zip(values) {
-            element[0] = value;
-        }
-        munmap(base, bytes.get()).context("unmapping a new Maglev table")?;
-    }
+    let values = std::iter::once(table.len() as u32).chain(table.iter().copied());
+    fill_u32_array(inner.fd().as_fd(), entries, values).context("filling a new Maglev table")?;
     Ok(inner)
 }
 
@@ -420,21 +402,4 @@ pub fn lb_settings(source_v4: Option<IpNet>, source_v6: Option<IpNet>) -> LbSett
         s.src6_hostmask = net.hostmask().octets();
     }
     s
-}
-
-/// The first global address of `family` on an interface: the default outer source.
-pub fn interface_address(interface: &str, v6: bool) -> Option<IpAddr> {
-    let addrs = nix::ifaddrs::getifaddrs().ok()?;
-    addrs
-        .filter(|a| a.interface_name == interface)
-        .filter_map(|a| a.address)
-        .find_map(|sa| {
-            if v6 {
-                sa.as_sockaddr_in6()
-                    .map(|s| IpAddr::V6(s.ip()))
-                    .filter(|ip| matches!(ip, IpAddr::V6(v) if (v.segments()[0] & 0xffc0) != 0xfe80))
-            } else {
-                sa.as_sockaddr_in().map(|s| IpAddr::V4(s.ip()))
-            }
-        })
 }

@@ -1,13 +1,15 @@
 //! The egress gateway's maps: executing policy operations, recovering what a previous daemon
 //! programmed, expiring NAT entries, and reading counters and translations.
 
-use super::{ignore_missing, take_map};
+use super::plan::{Compiled, CompiledPolicy, EgressOp};
 use crate::config::EgressSettings;
-use crate::egress::plan::{Compiled, CompiledPolicy, EgressOp};
+use crate::datapath::ignore_missing;
+use crate::datapath::loader::take_map;
 use anyhow::{Context, Result};
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues};
 use aya::Ebpf;
+use gatewayd_common::map_names;
 use gatewayd_common::maps::*;
 use ipnet::IpNet;
 use std::collections::BTreeMap;
@@ -36,13 +38,13 @@ pub struct Translation {
 impl EgressMaps {
     pub fn new(ebpf: &mut Ebpf, nat_capacity: u32) -> Result<Self> {
         Ok(EgressMaps {
-            destinations: take_map(ebpf, "gd_egress_dst")?,
-            sources: take_map(ebpf, "gd_egress_src")?,
-            policies: take_map(ebpf, "gd_egress_pols")?,
-            addresses: take_map(ebpf, "gd_egress_addrs")?,
-            settings: take_map(ebpf, "gd_egress_cfg")?,
-            stats: take_map(ebpf, "gd_egress_stats")?,
-            nat: take_map(ebpf, "gd_nat")?,
+            destinations: take_map(ebpf, map_names::EGRESS_DESTINATIONS)?,
+            sources: take_map(ebpf, map_names::EGRESS_SOURCES)?,
+            policies: take_map(ebpf, map_names::EGRESS_POLICIES)?,
+            addresses: take_map(ebpf, map_names::EGRESS_ADDRESSES)?,
+            settings: take_map(ebpf, map_names::EGRESS_SETTINGS)?,
+            stats: take_map(ebpf, map_names::EGRESS_STATS)?,
+            nat: take_map(ebpf, map_names::NAT)?,
             nat_capacity,
         })
     }

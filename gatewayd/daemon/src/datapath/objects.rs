@@ -1,0 +1,103 @@
+//! The compiled programs of `xdp/`, embedded by build.rs, and the names of their programs.
+
+include!(concat!(env!("OUT_DIR"), "/bpf_objects.rs"));
+
+/// The XDP load balancer's program name in `xdp/lb.c`.
+pub const LB_PROGRAM: &str = "gatewayd_lb";
+/// Egress SNAT at tcx egress of the egress interface (`xdp/egress.c`).
+pub const SNAT_PROGRAM: &str = "gatewayd_snat";
+/// Reverse NAT of egress replies at tcx ingress of the same interface.
+pub const RNAT_PROGRAM: &str = "gatewayd_rnat";
+/// The backend-side decapsulation program in `xdp/decap.c`.
+pub const DECAP_PROGRAM: &str = "gatewayd_decap";
+
+/// A stable hash of an embedded object: names the program pin, so a restart of the same build
+/// adopts the running program while a different build replaces it.
+pub fn object_hash(object: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    let mut h = siphasher::sip::SipHasher13::new_with_keys(0x6761_7465_7761_7964, 0);
+    h.write(object);
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gatewayd_common::map_names;
+    use std::collections::BTreeSet;
+
+    /// The Rust mirrors must match the C structs the compiler laid out: compare every size and
+    /// field offset with the BTF of the embedded objects (read with bpftool).
+    #[test]
+    fn rust_map_types_match_the_btf_of_the_objects() {
+        let dir = std::env::temp_dir().join(format!("gatewayd-btf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut types = Vec::new();
+        for (name, object) in [("lb.o", LB), ("decap.o", DECAP), ("egress.o", EGRESS)] {
+            let path = dir.join(name);
+            std::fs::write(&path, object).unwrap();
+            let out = std::process::Command::new("bpftool")
+                .args(["-j", "btf", "dump", "file"])
+                .arg(&path)
+                .output()
+                .expect("bpftool is needed for this test (apt-get install bpftool)");
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            types.extend(json["types"].as_array().unwrap().iter().cloned());
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        for layout in gatewayd_common::maps::layouts() {
+            let ty = types
+                .iter()
+                .find(|t| t["kind"] == "STRUCT" && t["name"] == layout.c_name)
+                .unwrap_or_else(|| panic!("struct {} not in the objects' BTF", layout.c_name));
+            assert_eq!(
+                ty["size"].as_u64().unwrap() as usize,
+                layout.size,
+                "size of {}",
+                layout.c_name
+            );
+            let members = ty["members"].as_array().unwrap();
+            assert_eq!(
+                members.len(),
+                layout.fields.len(),
+                "field count of {}",
+                layout.c_name
+            );
+            for (field, offset) in &layout.fields {
+                let m = members
+                    .iter()
+                    .find(|m| m["name"] == *field)
+                    .unwrap_or_else(|| panic!("{}.{field} not in C", layout.c_name));
+                assert_eq!(
+                    m["bits_offset"].as_u64().unwrap() as usize,
+                    offset * 8,
+                    "{}.{field}",
+                    layout.c_name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn object_hash_is_stable_and_distinguishes_builds() {
+        assert_eq!(object_hash(b"abc"), object_hash(b"abc"));
+        assert_ne!(object_hash(LB), object_hash(DECAP));
+    }
+
+    /// A map renamed, added or dropped in C must be renamed, added or dropped in
+    /// `map_names` too: the daemon opens and sizes maps by those names.
+    #[test]
+    fn map_names_are_exactly_the_maps_of_the_objects() {
+        let mut in_objects = BTreeSet::new();
+        for object in [LB, EGRESS, DECAP] {
+            let obj = aya_obj::Object::parse(object).unwrap();
+            // Global variables live in section maps (`.rodata`, `.bss`): not maps of ours.
+            in_objects.extend(obj.maps.keys().filter(|n| !n.starts_with('.')).cloned());
+        }
+        let named: BTreeSet<String> = map_names::ALL.iter().map(|n| n.to_string()).collect();
+        assert_eq!(named.len(), map_names::ALL.len(), "a name listed twice");
+        assert_eq!(named, in_objects);
+    }
+}
