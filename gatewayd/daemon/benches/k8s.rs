@@ -22,7 +22,7 @@ use gatewayd::k8s::convert::{
 };
 use gatewayd::k8s::sync::{self, ClusterUpdate};
 use gatewayd::lb::maglev::DEFAULT_TABLE_SIZE;
-use gatewayd::lb::plan::{LbParams, Programmed};
+use gatewayd::lb::plan::{LbParams, Programmed, ServicePlan};
 use gatewayd::model::DesiredState;
 use gatewayd_integration::apiserver::{kubeconfig_for, ApiServer};
 use serde_json::{json, Value};
@@ -207,7 +207,10 @@ async fn measure(services: usize) -> Result<()> {
     let rss_synced = peak_rss_mb();
     let mut clusters = BTreeMap::from([(1, state)]);
     let (desired, _) = gatewayd::k8s::merge(&base, &clusters);
-    let (ops, programmed) = Programmed::default().plan(&desired.services, &params)?;
+    let ServicePlan {
+        ops,
+        next: programmed,
+    } = Programmed::default().plan(&desired.services, &params)?;
     let planned = started.elapsed();
     let rss_planned = peak_rss_mb();
     if let Some(maps) = &mut maps {
@@ -251,7 +254,7 @@ async fn measure(services: usize) -> Result<()> {
         clusters.insert(1, state);
         let (desired, _) = gatewayd::k8s::merge(&base, &clusters);
         let merged = burst.elapsed();
-        let (ops, next) = programmed.plan(&desired.services, &params)?;
+        let ServicePlan { ops, next } = programmed.plan(&desired.services, &params)?;
         programmed = next;
         let planned = burst.elapsed();
         if let Some(maps) = &mut maps {

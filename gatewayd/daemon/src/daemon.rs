@@ -1,26 +1,22 @@
 //! The long-running daemon: applies the configuration, then serves reloads (SIGHUP), the
 //! control socket and the systemd watchdog from one loop.
 
-use crate::config::{self, Config, SystemHost};
+use crate::config::{self, Config, Settings, SystemHost};
 use crate::control;
-use crate::datapath::objects::LB_PROGRAM;
-use crate::datapath::{Attachment, Capacities, Datapath, Hook};
+use crate::datapath::{AttachmentPlan, Capacities, Datapath};
 use crate::egress::gateway::EgressGateway;
-use crate::egress::maps::EgressMaps;
 use crate::encryption::Encryption;
 use crate::events::EventHub;
 use crate::host::addresses::EgressAddresses;
 use crate::host::neighbours::Neighbours;
 use crate::k8s::convert::ClusterState;
 use crate::k8s::sync::{ClusterUpdate, SharedStatus};
-use crate::lb::maps::{self as lb_maps, LbMaps};
-use crate::lb::plan::{LbParams, Programmed};
-use crate::metrics::{self, BackendLabels, Metrics, ServiceLabels, ServiceView, Snapshot};
+use crate::lb::balancer::LoadBalancer;
+use crate::metrics::{self, Metrics, Snapshot};
 use crate::model::DesiredState;
+use crate::reconcile::{Components, Reconcile};
 use anyhow::{Context, Result};
 use gatewayd_common::api::{self, Request, Response};
-use gatewayd_common::maps::REASON_NAMES;
-use ipnet::IpNet;
 use sd_notify::NotifyState;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -32,18 +28,11 @@ use tracing::{error, info, warn};
 struct Daemon {
     config_path: PathBuf,
     config: Config,
-    datapath: Datapath,
-    lb: LbMaps,
-    programmed: Programmed,
+    components: Components,
     metrics: Arc<Metrics>,
-    neighbours: Neighbours,
-    egress: EgressGateway,
-    encryption: Encryption,
     generation: u64,
     last_reload: Option<api::ReloadResult>,
     started: Instant,
-    /// What is programmed: the TOML's desired state merged with every cluster's.
-    desired: DesiredState,
     /// The last state of each Kubernetes cluster, by cluster id.
     cluster_states: BTreeMap<u32, Arc<ClusterState>>,
     clusters: Vec<SharedStatus>,
@@ -82,23 +71,18 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
         },
     )?;
     let maps_dir = datapath.pins().maps();
-    let lb = LbMaps::new(datapath.ebpf_mut(), &maps_dir)?;
+    let lb = LoadBalancer::open(&mut datapath)?;
+    let egress = EgressGateway::open(&mut datapath, s)?;
     let (connection, netlink, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     tokio::spawn(connection);
-    let egress = EgressGateway::new(
-        EgressMaps::new(datapath.egress_ebpf_mut(), s.egress.nat_table_size)?,
-        EgressAddresses::new(netlink.clone(), &s.state_dir)?,
-        &s.state_dir,
-    )?;
-    let programmed = lb
-        .recover()
-        .context("reading the state left by a previous daemon")?;
-    if !programmed.services.is_empty() {
-        info!(
-            services = programmed.services.len(),
-            "adopted services programmed by a previous daemon"
-        );
-    }
+    let components = Components::new(
+        lb,
+        egress,
+        datapath,
+        Encryption::new(netlink.clone()),
+        Neighbours::new(netlink.clone()),
+        EgressAddresses::new(netlink, &s.state_dir)?,
+    );
     let (queries_tx, mut queries) = tokio::sync::mpsc::channel::<control::Query>(16);
     let metrics = Metrics::new(maps_dir.clone());
     metrics::serve(s.metrics_listen, metrics.clone()).await?;
@@ -108,17 +92,11 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
     let mut daemon = Daemon {
         config_path,
         config: config.clone(),
-        datapath,
-        lb,
-        programmed,
+        components,
         metrics,
-        neighbours: Neighbours::new(netlink.clone()),
-        egress,
-        encryption: Encryption::new(netlink),
         generation: 0,
         last_reload: None,
         started: Instant::now(),
-        desired: DesiredState::default(),
         cluster_states: BTreeMap::new(),
         clusters: Vec::new(),
         conflicts: Vec::new(),
@@ -130,7 +108,6 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
         .program(&config)
         .await
         .context("applying the configuration")?;
-    daemon.sync_netlink().await;
     daemon.generation = 1;
     daemon.publish_metrics();
     // After the TOML's state is programmed: an unreachable cluster must not delay READY.
@@ -160,14 +137,15 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
             _ = interrupt.recv() => break,
             _ = tick.tick() => if watchdog.is_some() { notify(&[NotifyState::Watchdog]) },
             _ = collect.tick() => {
-                let live = daemon.egress.collect_garbage();
-                daemon.metrics.set_nat_entries(live, daemon.egress.nat_capacity());
-                daemon.encryption.tick().await;
+                let egress = &mut daemon.components.egress;
+                let live = egress.collect_garbage();
+                daemon.metrics.set_nat_entries(live, egress.nat_capacity());
+                daemon.components.encryption.tick().await;
                 daemon.publish_encryption().await;
             }
             Some((request, reply)) = queries.recv() => {
                 let response = match request {
-                    Request::EncryptionStatus => match daemon.encryption.status().await {
+                    Request::EncryptionStatus => match daemon.components.encryption.status().await {
                         Ok(status) => Response::EncryptionStatus(status),
                         Err(e) => Response::Error(format!("{e:#}")),
                     },
@@ -187,29 +165,15 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
 }
 
 impl Daemon {
-    /// Programs `config`, merged with every cluster's last state, into the datapath and the
-    /// node encryption. Every plan is made and every capacity checked before the first
-    /// change, so a rejected state leaves the running one exactly as it was.
+    /// Programs `config`, merged with every cluster's last state, into every component. Every
+    /// plan is made and every capacity checked before the first change, so a rejected state
+    /// leaves the running one exactly as it was.
     async fn program(&mut self, config: &Config) -> Result<()> {
         let started = Instant::now();
         let desired = self.merge(config);
-        // A new encryption mode is started here, before anything else changes.
-        let encryption = self
-            .encryption
-            .prepare(
-                &config.settings.encryption,
-                &desired.peers,
-                desired.ipsec_keys.as_ref(),
-            )
-            .await
-            .context("node encryption")?;
-        let result = self.apply(config, desired);
+        let result = self.components.program(desired, &config.settings).await;
         self.metrics.observe_reconcile(started.elapsed().as_secs_f64());
-        result?;
-        self.encryption
-            .commit(encryption, &config.settings.encryption)
-            .await
-            .context("node encryption")
+        result
     }
 
     /// The file's desired state merged with every cluster's; conflicts are logged once each.
@@ -222,88 +186,6 @@ impl Daemon {
         desired
     }
 
-    /// Writes `desired` into the maps and attachments.
-    fn apply(&mut self, config: &Config, desired: DesiredState) -> Result<()> {
-        let s = &config.settings;
-        let params = LbParams {
-            table_size: s.lb.maglev_table_size,
-            seed: s.lb.maglev_seed,
-            max_services: s.lb.max_services,
-            max_backends: s.lb.max_backends,
-        };
-        // Every plan is made before the first write: a rejected change touches nothing.
-        let (ops, next) = self.programmed.plan(&desired.services, &params)?;
-        let (egress_compiled, egress_ops) = self.egress.plan(&desired.egress_policies)?;
-        let mut settings = lb_maps::lb_settings(
-            s.lb.encap_source_v4
-                .or_else(|| self.default_source(config, false)),
-            s.lb.encap_source_v6.or_else(|| self.default_source(config, true)),
-        );
-        if s.encryption.mode == crate::config::EncryptionMode::Ipsec {
-            // XDP transmission would bypass the XFRM policies: the kernel routes (and encrypts).
-            settings.flags |= gatewayd_common::maps::LB_F_KERNEL_ROUTE;
-        }
-        if let Err(e) = self.lb.set_settings(&settings).and_then(|_| self.lb.apply(&ops)) {
-            // The maps are what the datapath uses: re-read them so the next plan starts from the
-            // truth, then report.
-            self.programmed = self.lb.recover().unwrap_or_default();
-            return Err(e);
-        }
-        self.programmed = next;
-        if !ops.is_empty() {
-            info!(
-                operations = ops.len(),
-                services = self.programmed.services.len(),
-                "load balancer maps updated"
-            );
-        }
-        self.egress.apply(egress_compiled, &egress_ops, &s.egress)?;
-        let mut wanted: Vec<Attachment> = s
-            .interfaces
-            .iter()
-            .map(|i| Attachment {
-                interface: i.name.clone(),
-                hook: Hook::Xdp(i.xdp_mode),
-                program: LB_PROGRAM,
-            })
-            .collect();
-        wanted.extend(EgressGateway::attachments(&desired.egress_policies));
-        let attachments = self.datapath.plan_attachments(wanted)?;
-        self.datapath.apply_attachments(attachments)?;
-        // Once per change: cluster updates come often.
-        if s.encryption.mode == crate::config::EncryptionMode::None
-            && !desired.peers.is_empty()
-            && desired.peers != self.desired.peers
-        {
-            warn!("peers are configured but encryption.mode is \"none\": they are not used");
-        }
-        self.desired = desired;
-        Ok(())
-    }
-
-    /// With no configured encapsulation source, packets leave from the first interface's address.
-    fn default_source(&self, config: &Config, v6: bool) -> Option<IpNet> {
-        config
-            .settings
-            .interfaces
-            .iter()
-            .find_map(|i| crate::host::interface_address(&i.name, v6))
-            .map(IpNet::from)
-    }
-
-    /// After an apply: keeps the backends' next hops resolved by the kernel (see
-    /// host::neighbours) and the egress addresses assigned.
-    async fn sync_netlink(&mut self) {
-        let desired = &self.desired;
-        let backends: Vec<_> = desired
-            .services
-            .values()
-            .flat_map(|s| s.backends.iter().map(|b| b.address))
-            .collect();
-        self.neighbours.sync(backends).await;
-        self.egress.sync_addresses(&desired.egress_policies).await;
-    }
-
     async fn reload(&mut self) {
         let now = SystemTime::now();
         notify(&[NotifyState::Reloading, monotonic_now()]);
@@ -314,7 +196,6 @@ impl Daemon {
                 self.config = new;
                 self.generation += 1;
                 self.publish_metrics();
-                self.sync_netlink().await;
                 self.publish_encryption().await;
                 info!(generation = self.generation, "configuration reloaded");
                 (true, format!("generation {} applied", self.generation))
@@ -348,7 +229,6 @@ impl Daemon {
         match self.program(&config).await {
             Ok(()) => {
                 self.publish_metrics();
-                self.sync_netlink().await;
                 self.publish_encryption().await;
                 self.save_cluster(id);
             }
@@ -376,7 +256,7 @@ impl Daemon {
     /// Hands the encryption status (per-peer handshakes and bytes, IPsec counts) to the
     /// metrics endpoint.
     async fn publish_encryption(&self) {
-        match self.encryption.status().await {
+        match self.components.encryption.status().await {
             Ok(status) => self.metrics.publish_encryption(status),
             Err(e) => warn!("reading the encryption status: {e:#}"),
         }
@@ -456,42 +336,13 @@ impl Daemon {
         }
     }
 
-    /// Tells the metrics endpoint which counter slot belongs to which service and backend.
+    /// Tells the metrics endpoint which counter slot belongs to which service, backend and
+    /// egress policy.
     fn publish_metrics(&self) {
-        let services = self
-            .programmed
-            .services
-            .iter()
-            .map(|(key, svc)| {
-                let labels = ServiceLabels {
-                    service: svc.name.clone(),
-                    vip: key.vip.to_string(),
-                    port: key.port,
-                    protocol: key.protocol.to_string(),
-                };
-                let backends = svc
-                    .backends
-                    .iter()
-                    .map(|(addr, b)| {
-                        let labels = BackendLabels {
-                            service: labels.service.clone(),
-                            vip: labels.vip.clone(),
-                            port: labels.port,
-                            protocol: labels.protocol.clone(),
-                            backend: addr.to_string(),
-                            state: b.state.to_string(),
-                        };
-                        (b.backend_id, labels)
-                    })
-                    .collect();
-                (svc.service_id, ServiceView { labels, backends })
-            })
-            .collect();
-        let egress_policies = self.egress.policy_labels();
         self.metrics.publish(Snapshot {
-            egress_policies,
             config_generation: self.generation,
-            services,
+            services: self.components.lb.metric_labels(),
+            egress_policies: self.components.egress.metric_labels(),
         });
     }
 
@@ -499,7 +350,7 @@ impl Daemon {
         format!(
             "generation {}: {} services on {} interfaces",
             self.generation,
-            self.programmed.services.len(),
+            self.components.lb.services(),
             self.config.settings.interfaces.len()
         )
     }
@@ -507,14 +358,17 @@ impl Daemon {
     fn answer(&self, request: Request) -> Response {
         let result = match request {
             Request::Status => self.status().map(Response::Status),
-            Request::LbList => self.lb_list().map(Response::LbList),
-            Request::LbStats => self.lb_stats().map(Response::LbStats),
+            Request::LbList => self.components.lb.list().map(Response::LbList),
+            Request::LbStats => self.components.lb.stats().map(Response::LbStats),
             Request::EgressList => Ok(Response::EgressList(
-                self.egress.list(&self.desired.egress_policies),
+                self.components
+                    .egress
+                    .list(&self.components.in_force().egress_policies),
             )),
-            Request::NatList => Ok(Response::NatList(self.egress.translations())),
+            Request::NatList => Ok(Response::NatList(self.components.egress.translations())),
             Request::Identities => Ok(Response::Identities(
-                self.desired
+                self.components
+                    .in_force()
                     .identities
                     .iter()
                     .map(|(ip, i)| api::PodIdentity {
@@ -540,10 +394,10 @@ impl Daemon {
             config_path: self.config_path.display().to_string(),
             config_generation: self.generation,
             last_reload: self.last_reload.clone(),
-            bpffs: self.datapath.pins().root().display().to_string(),
-            programs: self.datapath.attached(),
-            services: self.programmed.services.len(),
-            backends: self.programmed.services.values().map(|s| s.backends.len()).sum(),
+            bpffs: self.components.attachments.pins().root().display().to_string(),
+            programs: self.components.attachments.attached(),
+            services: self.components.lb.services(),
+            backends: self.components.lb.backends(),
             clusters: self.cluster_sync(),
         })
     }
@@ -568,66 +422,21 @@ impl Daemon {
             })
             .collect()
     }
+}
 
-    fn lb_list(&self) -> Result<Vec<api::LbService>> {
-        let traffic = |t: gatewayd_common::maps::TrafficCounters| api::Traffic {
-            packets: t.packets,
-            bytes: t.bytes,
-            new_flows: t.new_flows,
-        };
-        let mut out = Vec::new();
-        for (key, svc) in &self.programmed.services {
-            let desired = self.desired.services.get(key);
-            let slots = svc.table.as_ref().map(|t| t.slots()).unwrap_or_default();
-            let mut backends = Vec::new();
-            for (addr, b) in &svc.backends {
-                backends.push(api::LbBackend {
-                    address: addr.to_string(),
-                    weight: b.weight,
-                    state: b.state.to_string(),
-                    backend_id: b.backend_id,
-                    maglev_slots: slots.get(&b.backend_id).copied().unwrap_or(0),
-                    traffic: traffic(self.lb.counters().backend_traffic(b.backend_id)?),
-                });
-            }
-            out.push(api::LbService {
-                name: svc.name.clone(),
-                vip: key.vip.to_string(),
-                port: key.port,
-                protocol: key.protocol.to_string(),
-                service_id: svc.service_id,
-                source_ranges: svc.source_ranges.iter().map(|r| r.to_string()).collect(),
-                affinity_timeout_seconds: desired.and_then(|d| d.affinity_timeout),
-                encapsulation: match desired.map(|d| d.encapsulation) {
-                    Some(crate::model::Encapsulation::Gue { port }) => format!("gue:{port}"),
-                    _ => "ipip".into(),
-                },
-                maglev_table_size: svc.table.as_ref().map(|t| t.table_size).unwrap_or(0),
-                traffic: traffic(self.lb.counters().service_traffic(svc.service_id)?),
-                backends,
-            });
-        }
-        Ok(out)
+/// The attachments: the load balancer's XDP program on every configured interface, the egress
+/// NAT programs on every interface a policy leaves by.
+impl Reconcile for Datapath {
+    type Plan = AttachmentPlan;
+
+    async fn plan(&self, desired: &DesiredState, settings: &Settings) -> Result<AttachmentPlan> {
+        let mut wanted = LoadBalancer::attachments(&settings.interfaces);
+        wanted.extend(EgressGateway::attachments(&desired.egress_policies));
+        self.plan_attachments(wanted)
     }
 
-    fn lb_stats(&self) -> Result<api::LbStats> {
-        let reasons = self
-            .lb
-            .counters()
-            .reasons()?
-            .into_iter()
-            .zip(REASON_NAMES)
-            .map(|(c, name)| api::ReasonCount {
-                reason: name.into(),
-                packets: c.packets,
-                bytes: c.bytes,
-            })
-            .collect();
-        Ok(api::LbStats {
-            reasons,
-            flow_table_entries: self.lb.counters().flow_count(),
-            flow_table_capacity: self.lb.counters().flow_capacity(),
-        })
+    async fn apply(&mut self, plan: AttachmentPlan) -> Result<()> {
+        self.apply_attachments(plan)
     }
 }
 

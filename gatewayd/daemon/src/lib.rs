@@ -23,4 +23,5 @@ pub mod lb;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod reconcile;
 pub mod state_file;

@@ -665,9 +665,10 @@ fn maglev_map_of_an_older_layout_is_recreated() {
         .into_iter()
         .map(|s| (s.key, std::sync::Arc::new(s)))
         .collect();
-    let (ops, _) = gatewayd::lb::plan::Programmed::default()
+    let ops = gatewayd::lb::plan::Programmed::default()
         .plan(&desired, &TEST_PARAMS)
-        .unwrap();
+        .unwrap()
+        .ops;
     maps.apply(&ops).unwrap();
 }
 

@@ -1,17 +1,18 @@
 //! Node encryption between gateways and cluster nodes: WireGuard ([`wireguard`]) or IPsec
 //! ([`ipsec`]), from the peers of the model.
 //!
-//! A change is made in two steps so that a rejected configuration changes nothing:
-//! [`Encryption::prepare`] plans (and, when the mode changes, starts the new mode's device or
-//! checks the kernel can run it) before the daemon touches anything else;
-//! [`Encryption::commit`] then executes the plan and stops the old mode.
+//! A change follows the reconcile contract, so that a rejected configuration changes nothing:
+//! [`Encryption`]'s plan plans the peers (and, when the mode changes, starts the new mode's
+//! device or checks the kernel can run it) before the daemon writes anything; its apply then
+//! executes the plan and stops the old mode.
 
 pub mod ipsec;
 mod uapi;
 pub mod wireguard;
 
-use crate::config::{EncryptionMode, EncryptionSettings};
-use crate::model::{IpsecKeys, Peer};
+use crate::config::{EncryptionMode, EncryptionSettings, Settings};
+use crate::model::{DesiredState, IpsecKeys, Peer};
+use crate::reconcile::Reconcile;
 use anyhow::Result;
 use gatewayd_common::api;
 use rtnetlink::Handle;
@@ -27,23 +28,28 @@ enum Active {
     Ipsec(Box<Ipsec>),
 }
 
-enum Plan {
+/// The peers' changes in the mode that runs.
+enum ModePlan {
     None,
     WireGuard(PeerPlan),
     Ipsec(IpsecPlan),
 }
 
-/// A change computed by [`Encryption::prepare`]: the plan, and a newly started mode when the
-/// mode changes.
-pub struct Prepared {
-    started: Option<Active>,
-    plan: Plan,
+/// What [`Encryption`] does for a change: the peers' changes, and, when the mode changes, the
+/// new mode (already started by the plan) with its settings.
+pub struct EncryptionPlan {
+    started: Option<(Active, EncryptionSettings)>,
+    peers: ModePlan,
+    /// Peers configured while the mode is `none`, when they changed: warned about once.
+    unused_peers: Option<Vec<Peer>>,
 }
 
 pub struct Encryption {
     active: Active,
     settings: Option<EncryptionSettings>,
     netlink: Handle,
+    /// The peers last warned about as unused (mode `none`).
+    unused_peers: Vec<Peer>,
 }
 
 fn now() -> u64 {
@@ -59,18 +65,19 @@ impl Encryption {
             active: Active::None,
             settings: None,
             netlink,
+            unused_peers: Vec::new(),
         }
     }
 
     /// Plans `peers` under `settings`. Starts the device of a new mode (or probes the kernel
     /// for IPsec), so a mode the machine cannot run fails here, before anything else changes.
     /// `ipsec_keys`: the keys of `encryption.ipsec.key_secret`, as the model has them.
-    pub async fn prepare(
+    async fn plan_mode(
         &self,
         settings: &EncryptionSettings,
         peers: &[Peer],
         ipsec_keys: Option<&IpsecKeys>,
-    ) -> Result<Prepared> {
+    ) -> Result<(Option<(Active, EncryptionSettings)>, ModePlan)> {
         let same_mode = self.settings.as_ref().map(|s| s.mode) == Some(settings.mode);
         if let (true, Some(old)) = (same_mode, &self.settings) {
             if old.wireguard != settings.wireguard && settings.mode == EncryptionMode::WireGuard {
@@ -89,10 +96,7 @@ impl Encryption {
                     }
                 }
             }
-            return Ok(Prepared {
-                started: None,
-                plan: self.plan(&self.active, peers, ipsec_keys)?,
-            });
+            return Ok((None, self.plan_peers(&self.active, peers, ipsec_keys)?));
         }
         let started = match settings.mode {
             EncryptionMode::None => Active::None,
@@ -101,41 +105,24 @@ impl Encryption {
             )),
             EncryptionMode::Ipsec => Active::Ipsec(Box::new(Ipsec::start(&settings.ipsec).await?)),
         };
-        let plan = self.plan(&started, peers, ipsec_keys)?;
-        Ok(Prepared {
-            started: Some(started),
-            plan,
-        })
+        let plan = self.plan_peers(&started, peers, ipsec_keys)?;
+        Ok((Some((started, settings.clone())), plan))
     }
 
-    fn plan(&self, active: &Active, peers: &[Peer], ipsec_keys: Option<&IpsecKeys>) -> Result<Plan> {
+    fn plan_peers(
+        &self,
+        active: &Active,
+        peers: &[Peer],
+        ipsec_keys: Option<&IpsecKeys>,
+    ) -> Result<ModePlan> {
         Ok(match active {
-            Active::None => Plan::None,
-            Active::WireGuard(wg) => Plan::WireGuard(wg.plan(peers)?),
+            Active::None => ModePlan::None,
+            Active::WireGuard(wg) => ModePlan::WireGuard(wg.plan(peers)?),
             // No keys yet: nothing changes (what a previous daemon left stays in force).
             Active::Ipsec(ipsec) => ipsec
                 .plan(peers, ipsec_keys, now())?
-                .map_or(Plan::None, Plan::Ipsec),
+                .map_or(ModePlan::None, ModePlan::Ipsec),
         })
-    }
-
-    /// Executes a prepared change. A new mode's settings become the ones in force; within a
-    /// mode, the device settings stay those of the start (they apply at restart).
-    pub async fn commit(&mut self, prepared: Prepared, settings: &EncryptionSettings) -> Result<()> {
-        if let Some(started) = prepared.started {
-            match std::mem::replace(&mut self.active, started) {
-                Active::None => {}
-                Active::WireGuard(wg) => wg.shutdown().await,
-                Active::Ipsec(ipsec) => ipsec.shutdown().await,
-            }
-            self.settings = Some(settings.clone());
-        }
-        match (&mut self.active, prepared.plan) {
-            (Active::WireGuard(wg), Plan::WireGuard(plan)) => wg.apply(plan).await?,
-            (Active::Ipsec(ipsec), Plan::Ipsec(plan)) => ipsec.apply(plan).await?,
-            _ => {}
-        }
-        Ok(())
     }
 
     /// Periodic work: IPsec keys whose overlap ended are removed.
@@ -167,6 +154,52 @@ impl Encryption {
                 ipsec: Some(ipsec.status().await),
             },
         })
+    }
+}
+
+impl Reconcile for Encryption {
+    type Plan = EncryptionPlan;
+
+    async fn plan(&self, desired: &DesiredState, settings: &Settings) -> Result<EncryptionPlan> {
+        let settings = &settings.encryption;
+        let (started, peers) = self
+            .plan_mode(settings, &desired.peers, desired.ipsec_keys.as_ref())
+            .await?;
+        // Once per change: cluster updates come often.
+        let unused_peers = (settings.mode == EncryptionMode::None
+            && !desired.peers.is_empty()
+            && desired.peers != self.unused_peers)
+            .then(|| desired.peers.clone());
+        if unused_peers.is_some() {
+            warn!("peers are configured but encryption.mode is \"none\": they are not used");
+        }
+        Ok(EncryptionPlan {
+            started,
+            peers,
+            unused_peers,
+        })
+    }
+
+    /// A new mode's settings become the ones in force; within a mode, the device settings stay
+    /// those of the start (they apply at restart).
+    async fn apply(&mut self, plan: EncryptionPlan) -> Result<()> {
+        if let Some((started, settings)) = plan.started {
+            match std::mem::replace(&mut self.active, started) {
+                Active::None => {}
+                Active::WireGuard(wg) => wg.shutdown().await,
+                Active::Ipsec(ipsec) => ipsec.shutdown().await,
+            }
+            self.settings = Some(settings);
+        }
+        match (&mut self.active, plan.peers) {
+            (Active::WireGuard(wg), ModePlan::WireGuard(plan)) => wg.apply(plan).await?,
+            (Active::Ipsec(ipsec), ModePlan::Ipsec(plan)) => ipsec.apply(plan).await?,
+            _ => {}
+        }
+        if let Some(peers) = plan.unused_peers {
+            self.unused_peers = peers;
+        }
+        Ok(())
     }
 }
 

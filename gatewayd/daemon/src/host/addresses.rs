@@ -4,6 +4,9 @@
 //! configured stays. What gatewayd added is kept in a state file, so a restarted daemon still
 //! knows which addresses are its own to remove.
 
+use crate::config::Settings;
+use crate::model::DesiredState;
+use crate::reconcile::Reconcile;
 use crate::state_file;
 use anyhow::{Context, Result};
 use futures_util::TryStreamExt;
@@ -22,6 +25,12 @@ pub struct EgressAddresses {
     state_file: PathBuf,
 }
 
+/// The (interface, address) pairs the egress policies name explicitly.
+#[derive(Debug)]
+pub struct AddressPlan {
+    wanted: BTreeSet<(String, IpAddr)>,
+}
+
 impl EgressAddresses {
     pub fn new(handle: Handle, state_dir: &std::path::Path) -> Result<Self> {
         let state_file = state_dir.join("egress-addresses.json");
@@ -34,7 +43,7 @@ impl EgressAddresses {
 
     /// Assigns every wanted address that is missing and removes the ones gatewayd added that are
     /// no longer wanted. Failures are logged: the policy is programmed either way.
-    pub async fn sync(&mut self, wanted: BTreeSet<(String, IpAddr)>) {
+    async fn sync(&mut self, wanted: BTreeSet<(String, IpAddr)>) {
         for (interface, ip) in &wanted {
             match self.ensure(interface, *ip).await {
                 Ok(true) => {
@@ -94,6 +103,26 @@ impl EgressAddresses {
                 self.handle.address().del(msg).execute().await?;
             }
         }
+        Ok(())
+    }
+}
+
+impl Reconcile for EgressAddresses {
+    type Plan = AddressPlan;
+
+    /// A policy without an explicit `egress_ip` translates to an address its interface already
+    /// has: nothing to assign.
+    async fn plan(&self, desired: &DesiredState, _: &Settings) -> Result<AddressPlan> {
+        let wanted = desired
+            .egress_policies
+            .iter()
+            .filter_map(|p| Some((p.interface.clone(), p.egress_ip?)))
+            .collect();
+        Ok(AddressPlan { wanted })
+    }
+
+    async fn apply(&mut self, plan: AddressPlan) -> Result<()> {
+        self.sync(plan.wanted).await;
         Ok(())
     }
 }

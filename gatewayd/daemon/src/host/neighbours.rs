@@ -7,6 +7,9 @@
 //! Linux 5.16+) is resolved and refreshed by the kernel on its own, so the datapath finds the
 //! MAC from the first packet on.
 
+use crate::config::Settings;
+use crate::model::DesiredState;
+use crate::reconcile::Reconcile;
 use anyhow::Result;
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::neighbour::{
@@ -30,42 +33,17 @@ pub struct Neighbours {
     managed: BTreeSet<NextHop>,
 }
 
+/// The backends whose next hops must have managed entries.
+#[derive(Debug)]
+pub struct NeighbourPlan {
+    backends: BTreeSet<IpAddr>,
+}
+
 impl Neighbours {
     pub fn new(handle: Handle) -> Self {
         Neighbours {
             handle,
             managed: BTreeSet::new(),
-        }
-    }
-
-    /// Makes the managed entries match the next hops of `backends`: adds the missing ones and
-    /// removes those no backend needs any more. Failures are logged, not fatal: the datapath
-    /// still works through the stack, only slower to start.
-    pub async fn sync(&mut self, backends: impl IntoIterator<Item = IpAddr>) {
-        let mut wanted = BTreeSet::new();
-        for backend in backends.into_iter().collect::<BTreeSet<_>>() {
-            match self.next_hop(backend).await {
-                Ok(Some(hop)) => {
-                    wanted.insert(hop);
-                }
-                Ok(None) => debug!(%backend, "no route toward backend: nothing to resolve"),
-                Err(e) => warn!(%backend, "cannot find the next hop toward backend: {e:#}"),
-            }
-        }
-        for hop in wanted.difference(&self.managed.clone()) {
-            match self.add(hop).await {
-                Ok(()) => {
-                    info!(next_hop = %hop.address, ifindex = hop.ifindex, "managing neighbour entry");
-                    self.managed.insert(*hop);
-                }
-                Err(e) => warn!(next_hop = %hop.address, "cannot add a managed neighbour entry: {e:#}"),
-            }
-        }
-        for hop in self.managed.difference(&wanted).copied().collect::<Vec<_>>() {
-            if let Err(e) = self.delete(&hop).await {
-                debug!(next_hop = %hop.address, "removing managed neighbour entry: {e:#}");
-            }
-            self.managed.remove(&hop);
         }
     }
 
@@ -122,6 +100,52 @@ impl Neighbours {
                 self.handle.neighbours().del(n).execute().await?;
                 return Ok(());
             }
+        }
+        Ok(())
+    }
+}
+
+impl Reconcile for Neighbours {
+    type Plan = NeighbourPlan;
+
+    async fn plan(&self, desired: &DesiredState, _: &Settings) -> Result<NeighbourPlan> {
+        let backends = desired
+            .services
+            .values()
+            .flat_map(|s| s.backends.iter().map(|b| b.address))
+            .collect();
+        Ok(NeighbourPlan { backends })
+    }
+
+    /// Adds a managed entry for the next hop toward each backend and removes those no backend
+    /// needs any more. The routes are looked up here, not in the plan: the components applied
+    /// before (the encryption's WireGuard routes) can change them. Failures are logged, not
+    /// fatal: the datapath still works through the stack, only slower to start.
+    async fn apply(&mut self, plan: NeighbourPlan) -> Result<()> {
+        let mut wanted = BTreeSet::new();
+        for backend in plan.backends {
+            match self.next_hop(backend).await {
+                Ok(Some(hop)) => {
+                    wanted.insert(hop);
+                }
+                Ok(None) => debug!(%backend, "no route toward backend: nothing to resolve"),
+                Err(e) => warn!(%backend, "cannot find the next hop toward backend: {e:#}"),
+            }
+        }
+        for hop in wanted.difference(&self.managed.clone()) {
+            match self.add(hop).await {
+                Ok(()) => {
+                    info!(next_hop = %hop.address, ifindex = hop.ifindex, "managing neighbour entry");
+                    self.managed.insert(*hop);
+                }
+                Err(e) => warn!(next_hop = %hop.address, "cannot add a managed neighbour entry: {e:#}"),
+            }
+        }
+        for hop in self.managed.difference(&wanted).copied().collect::<Vec<_>>() {
+            if let Err(e) = self.delete(&hop).await {
+                debug!(next_hop = %hop.address, "removing managed neighbour entry: {e:#}");
+            }
+            self.managed.remove(&hop);
         }
         Ok(())
     }

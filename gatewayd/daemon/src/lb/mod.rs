@@ -1,6 +1,7 @@
 //! The load balancer: Maglev tables ([`maglev`]), the pure planner ([`plan`]), the map writer
-//! ([`maps`]).
+//! ([`maps`]), and the component that runs them ([`balancer`]).
 
+pub mod balancer;
 pub mod maglev;
 pub mod maps;
 pub mod plan;

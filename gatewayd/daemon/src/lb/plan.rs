@@ -1,7 +1,8 @@
 //! Diffs the desired services against what is programmed and emits the map operations that
 //! get from one to the other, in an order that never exposes a half-made service:
 //! backends before the Maglev table that names them, the table before the VIP entry that uses
-//! it, and on removal the VIP entry first. Pure: the datapath executes the operations.
+//! it, and on removal the VIP entry first. Pure: the map writer ([`super::maps`]) executes the
+//! operations.
 
 use super::maglev;
 use crate::model::{BackendState, Encapsulation, Service, ServiceKey};
@@ -155,6 +156,14 @@ pub struct Programmed {
     pub services: BTreeMap<ServiceKey, Arc<ProgrammedService>>,
 }
 
+/// What [`Programmed::plan`] decided: the operations, in the order they must run, and the state
+/// the maps hold once they ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePlan {
+    pub ops: Vec<LbOp>,
+    pub next: Programmed,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
     #[error("{needed} services exceed lb.max_services = {max}")]
@@ -242,7 +251,7 @@ impl Programmed {
         &self,
         desired: &BTreeMap<ServiceKey, Arc<Service>>,
         params: &LbParams,
-    ) -> Result<(Vec<LbOp>, Programmed), PlanError> {
+    ) -> Result<ServicePlan, PlanError> {
         // Ids stay taken until the plan is applied, so a freed id is never reused by the same
         // plan (a flow pinned to it could otherwise land on an unrelated backend).
         let mut service_ids =
@@ -442,7 +451,10 @@ impl Programmed {
             range_deletes,
             backend_deletes,
         ];
-        Ok((ops.into_iter().flatten().collect(), next))
+        Ok(ServicePlan {
+            ops: ops.into_iter().flatten().collect(),
+            next,
+        })
     }
 }
 
@@ -493,7 +505,7 @@ mod tests {
             "10.0.0.1",
             &[("10.1.0.1", Active), ("10.1.0.2", Active)],
         )]);
-        let (ops, next) = Programmed::default().plan(&d, &PARAMS).unwrap();
+        let ServicePlan { ops, next } = Programmed::default().plan(&d, &PARAMS).unwrap();
         let kinds: Vec<&str> = ops
             .iter()
             .map(|op| match op {
@@ -538,7 +550,7 @@ mod tests {
             service("a", "10.0.0.1", &[("10.1.0.1", Active)]),
             service("b", "10.0.0.2", &[("10.2.0.1", Active)]),
         ]);
-        let (ops, _) = Programmed::default().plan(&d, &PARAMS).unwrap();
+        let ServicePlan { ops, .. } = Programmed::default().plan(&d, &PARAMS).unwrap();
         let first = |f: &dyn Fn(&LbOp) -> bool| ops.iter().position(f).unwrap();
         let last = |f: &dyn Fn(&LbOp) -> bool| ops.iter().rposition(f).unwrap();
         let is_table = |o: &LbOp| matches!(o, LbOp::PutMaglev { .. });
@@ -562,13 +574,13 @@ mod tests {
             service("b", "10.0.0.2", &[("10.2.0.1", Active)]),
             ranged,
         ]);
-        let (_, p) = Programmed::default().plan(&before, &PARAMS).unwrap();
+        let ServicePlan { next: p, .. } = Programmed::default().plan(&before, &PARAMS).unwrap();
         let after = desired(vec![
             service("a", "10.0.0.1", &[("10.1.0.1", Active), ("10.1.0.3", Active)]),
             service("d", "10.0.0.4", &[("10.4.0.1", Active), ("10.4.0.2", Active)]),
             service("e", "10.0.0.5", &[("10.5.0.1", Active)]),
         ]);
-        let (ops, _) = p.plan(&after, &PARAMS).unwrap();
+        let ServicePlan { ops, .. } = p.plan(&after, &PARAMS).unwrap();
         let kinds: Vec<_> = ops.iter().map(std::mem::discriminant).collect();
         let mut runs = kinds.clone();
         runs.dedup();
@@ -583,8 +595,8 @@ mod tests {
     #[test]
     fn unchanged_desired_state_plans_nothing() {
         let d = desired(vec![service("web", "10.0.0.1", &[("10.1.0.1", Active)])]);
-        let (_, programmed) = Programmed::default().plan(&d, &PARAMS).unwrap();
-        let (ops, again) = programmed.plan(&d, &PARAMS).unwrap();
+        let ServicePlan { next: programmed, .. } = Programmed::default().plan(&d, &PARAMS).unwrap();
+        let ServicePlan { ops, next: again } = programmed.plan(&d, &PARAMS).unwrap();
         assert!(ops.is_empty(), "{ops:?}");
         assert_eq!(again, programmed);
         let (old, new) = (
@@ -600,7 +612,7 @@ mod tests {
     #[test]
     fn a_new_table_size_or_seed_rebuilds_unchanged_services() {
         let d = desired(vec![service("web", "10.0.0.1", &[("10.1.0.1", Active)])]);
-        let (_, programmed) = Programmed::default().plan(&d, &PARAMS).unwrap();
+        let ServicePlan { next: programmed, .. } = Programmed::default().plan(&d, &PARAMS).unwrap();
         for params in [
             LbParams {
                 table_size: 509,
@@ -608,7 +620,7 @@ mod tests {
             },
             LbParams { seed: 8, ..PARAMS },
         ] {
-            let (ops, _) = programmed.plan(&d, &params).unwrap();
+            let ServicePlan { ops, .. } = programmed.plan(&d, &params).unwrap();
             let tables: Vec<_> = ops
                 .iter()
                 .filter_map(|o| match o {
@@ -624,12 +636,12 @@ mod tests {
     fn changing_one_service_leaves_the_other_alone() {
         let a = service("a", "10.0.0.1", &[("10.1.0.1", Active), ("10.1.0.2", Active)]);
         let b = service("b", "10.0.0.2", &[("10.2.0.1", Active)]);
-        let (_, programmed) = Programmed::default()
+        let ServicePlan { next: programmed, .. } = Programmed::default()
             .plan(&desired(vec![a.clone(), b.clone()]), &PARAMS)
             .unwrap();
         let b_id = programmed.services[&b.key].service_id;
         let a2 = service("a", "10.0.0.1", &[("10.1.0.1", Active)]);
-        let (ops, _) = programmed.plan(&desired(vec![a2, b]), &PARAMS).unwrap();
+        let ServicePlan { ops, .. } = programmed.plan(&desired(vec![a2, b]), &PARAMS).unwrap();
         for op in &ops {
             if let LbOp::PutMaglev { service_id, .. }
             | LbOp::PutService {
@@ -654,7 +666,7 @@ mod tests {
 
     #[test]
     fn terminating_backend_keeps_its_id_and_leaves_the_table() {
-        let (_, p) = Programmed::default()
+        let ServicePlan { next: p, .. } = Programmed::default()
             .plan(
                 &desired(vec![service(
                     "a",
@@ -665,7 +677,7 @@ mod tests {
             )
             .unwrap();
         let old_id = p.services.values().next().unwrap().backends[&"10.1.0.2".parse().unwrap()].backend_id;
-        let (ops, next) = p
+        let ServicePlan { ops, next } = p
             .plan(
                 &desired(vec![service(
                     "a",
@@ -696,13 +708,13 @@ mod tests {
 
     #[test]
     fn removed_service_stops_at_the_vip_first_and_ids_are_not_reused_in_the_same_plan() {
-        let (_, p) = Programmed::default()
+        let ServicePlan { next: p, .. } = Programmed::default()
             .plan(
                 &desired(vec![service("a", "10.0.0.1", &[("10.1.0.1", Active)])]),
                 &PARAMS,
             )
             .unwrap();
-        let (ops, next) = p
+        let ServicePlan { ops, next } = p
             .plan(
                 &desired(vec![service("b", "10.0.0.2", &[("10.2.0.1", Active)])]),
                 &PARAMS,
@@ -727,17 +739,17 @@ mod tests {
     #[test]
     fn source_ranges_are_added_before_the_flag_and_removed_after() {
         let mut s = service("a", "10.0.0.1", &[("10.1.0.1", Active)]);
-        let (_, p) = Programmed::default()
+        let ServicePlan { next: p, .. } = Programmed::default()
             .plan(&desired(vec![s.clone()]), &PARAMS)
             .unwrap();
         s.source_ranges = vec!["192.0.2.0/24".parse().unwrap()];
-        let (ops, p) = p.plan(&desired(vec![s.clone()]), &PARAMS).unwrap();
+        let ServicePlan { ops, next: p } = p.plan(&desired(vec![s.clone()]), &PARAMS).unwrap();
         assert!(matches!(ops[0], LbOp::PutSourceRange { .. }));
         assert!(
             matches!(&ops[1], LbOp::PutService { value, .. } if value.flags & maps::SVC_F_SOURCE_RANGES != 0)
         );
         s.source_ranges = vec![];
-        let (ops, _) = p.plan(&desired(vec![s]), &PARAMS).unwrap();
+        let ServicePlan { ops, .. } = p.plan(&desired(vec![s]), &PARAMS).unwrap();
         assert!(matches!(&ops[0], LbOp::PutService { value, .. } if value.flags == 0));
         assert!(matches!(ops[1], LbOp::DeleteSourceRange { .. }));
     }
@@ -766,14 +778,14 @@ mod tests {
             "10.0.0.1",
             &[("10.1.0.1", Active), ("10.1.0.2", Active)],
         )]);
-        let (ops, p) = Programmed::default().plan(&d, &PARAMS).unwrap();
+        let ServicePlan { ops, next: p } = Programmed::default().plan(&d, &PARAMS).unwrap();
         let mut recovered = p.clone();
         for s in recovered.services.values_mut() {
             let s = Arc::make_mut(s);
             s.table = None;
             s.planned_from = None;
         }
-        let (again, _) = recovered.plan(&d, &PARAMS).unwrap();
+        let ServicePlan { ops: again, .. } = recovered.plan(&d, &PARAMS).unwrap();
         let table_of = |ops: &[LbOp]| {
             ops.iter().find_map(|o| match o {
                 LbOp::PutMaglev { table, .. } => Some(table.build()),

@@ -480,7 +480,8 @@ impl Balancer {
             .iter()
             .map(|s| (s.key, std::sync::Arc::new(s.clone())))
             .collect();
-        Ok(self.programmed.plan(&desired, &self.params)?)
+        let plan = self.programmed.plan(&desired, &self.params)?;
+        Ok((plan.ops, plan.next))
     }
 
     /// Takes note of operations applied and the state they led to.
