@@ -206,7 +206,7 @@ async fn measure(services: usize) -> Result<()> {
     let synced = started.elapsed();
     let rss_synced = peak_rss_mb();
     let mut clusters = BTreeMap::from([(1, state)]);
-    let (desired, _) = gatewayd::k8s::merge(&base, &clusters);
+    let (desired, _) = gatewayd::model::merge::merge(&base, &clusters);
     let ServicePlan {
         ops,
         next: programmed,
@@ -252,7 +252,7 @@ async fn measure(services: usize) -> Result<()> {
         let state = next_state(&mut updates).await?;
         let modelled = burst.elapsed();
         clusters.insert(1, state);
-        let (desired, _) = gatewayd::k8s::merge(&base, &clusters);
+        let (desired, _) = gatewayd::model::merge::merge(&base, &clusters);
         let merged = burst.elapsed();
         let ServicePlan { ops, next } = programmed.plan(&desired.services, &params)?;
         programmed = next;

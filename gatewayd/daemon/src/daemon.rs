@@ -9,8 +9,8 @@ use crate::encryption::Encryption;
 use crate::events::EventHub;
 use crate::host::addresses::EgressAddresses;
 use crate::host::neighbours::Neighbours;
-use crate::k8s::convert::ClusterState;
-use crate::k8s::sync::{ClusterUpdate, SharedStatus};
+use crate::k8s::clusters::Clusters;
+use crate::k8s::sync::ClusterUpdate;
 use crate::lb::balancer::LoadBalancer;
 use crate::metrics::{self, Metrics, Snapshot};
 use crate::model::DesiredState;
@@ -18,7 +18,6 @@ use crate::reconcile::{Components, Reconcile};
 use anyhow::{Context, Result};
 use gatewayd_common::api::{self, Request, Response};
 use sd_notify::NotifyState;
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -33,15 +32,7 @@ struct Daemon {
     generation: u64,
     last_reload: Option<api::ReloadResult>,
     started: Instant,
-    /// The last state of each Kubernetes cluster, by cluster id.
-    cluster_states: BTreeMap<u32, Arc<ClusterState>>,
-    clusters: Vec<SharedStatus>,
-    /// Merge conflicts as last logged, so each is logged once.
-    conflicts: Vec<String>,
-    /// Background writes of saved cluster states: a sequence number per save, and per cluster
-    /// the newest one written (an older write that runs late must not overwrite a newer one).
-    save_sequence: u64,
-    saved: Arc<std::sync::Mutex<BTreeMap<u32, u64>>>,
+    clusters: Clusters,
 }
 
 fn notify(states: &[NotifyState]) {
@@ -97,13 +88,8 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
         generation: 0,
         last_reload: None,
         started: Instant::now(),
-        cluster_states: BTreeMap::new(),
-        clusters: Vec::new(),
-        conflicts: Vec::new(),
-        save_sequence: 0,
-        saved: Arc::default(),
+        clusters: Clusters::restore(&config.settings),
     };
-    daemon.restore_clusters();
     daemon
         .program(&config)
         .await
@@ -112,8 +98,8 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
     daemon.publish_metrics();
     // After the TOML's state is programmed: an unreachable cluster must not delay READY.
     let (cluster_updates, mut cluster_states) = tokio::sync::mpsc::channel::<ClusterUpdate>(16);
-    daemon.clusters = crate::k8s::sync::start_all(&config.settings, cluster_updates).await;
-    daemon.metrics.set_clusters(daemon.clusters.clone());
+    daemon.clusters.follow(&config.settings, cluster_updates).await;
+    daemon.metrics.set_clusters(daemon.clusters.statuses());
     daemon.publish_encryption().await;
     let status = daemon.status_line();
     info!("{status}");
@@ -170,20 +156,10 @@ impl Daemon {
     /// leaves the running one exactly as it was.
     async fn program(&mut self, config: &Config) -> Result<()> {
         let started = Instant::now();
-        let desired = self.merge(config);
+        let desired = self.clusters.merge(&config.desired);
         let result = self.components.program(desired, &config.settings).await;
         self.metrics.observe_reconcile(started.elapsed().as_secs_f64());
         result
-    }
-
-    /// The file's desired state merged with every cluster's; conflicts are logged once each.
-    fn merge(&mut self, config: &Config) -> DesiredState {
-        let (desired, conflicts) = crate::k8s::merge(&config.desired, &self.cluster_states);
-        for c in conflicts.iter().filter(|c| !self.conflicts.contains(c)) {
-            warn!("{c}");
-        }
-        self.conflicts = conflicts;
-        desired
     }
 
     async fn reload(&mut self) {
@@ -224,23 +200,20 @@ impl Daemon {
     /// (e.g. capacity), the cluster's previous state stays in force.
     async fn cluster_update(&mut self, update: ClusterUpdate) {
         let id = update.cluster_id;
-        let previous = self.cluster_states.insert(id, update.state);
+        let previous = self.clusters.update(update);
         let config = self.config.clone();
         match self.program(&config).await {
             Ok(()) => {
                 self.publish_metrics();
                 self.publish_encryption().await;
-                self.save_cluster(id);
+                self.clusters.save(id, &self.config.settings);
             }
             Err(e) => {
                 error!(
                     cluster = id,
                     "cluster state rejected, its previous state stays in force: {e:#}"
                 );
-                match previous {
-                    Some(p) => self.cluster_states.insert(id, p),
-                    None => self.cluster_states.remove(&id),
-                };
+                self.clusters.reject(id, previous);
             }
         }
     }
@@ -260,54 +233,6 @@ impl Daemon {
             Ok(status) => self.metrics.publish_encryption(status),
             Err(e) => warn!("reading the encryption status: {e:#}"),
         }
-    }
-
-    /// Starts from each cluster's last saved state, so what a previous daemon programmed from
-    /// the clusters stays programmed until each cluster is reachable and says otherwise.
-    fn restore_clusters(&mut self) {
-        for cluster in &self.config.settings.clusters {
-            let path = crate::k8s::saved::path(&self.config.settings.state_dir, cluster.id);
-            match crate::k8s::saved::load(&path, &cluster.name) {
-                Ok(Some(state)) => {
-                    info!(
-                        cluster = %cluster.name,
-                        services = state.desired.services.len(),
-                        "starting from the cluster's last saved state until it syncs"
-                    );
-                    self.cluster_states.insert(cluster.id, Arc::new(state));
-                }
-                Ok(None) => {}
-                Err(e) => warn!(cluster = %cluster.name, "ignoring the saved state: {e:#}"),
-            }
-        }
-    }
-
-    /// Saves a cluster's state in the background: a large cluster's file takes a while to
-    /// write, and the main loop must not wait for it.
-    fn save_cluster(&mut self, id: u32) {
-        let (Some(state), Some(cluster)) = (
-            self.cluster_states.get(&id).cloned(),
-            self.config.settings.clusters.iter().find(|c| c.id == id),
-        ) else {
-            return;
-        };
-        let path = crate::k8s::saved::path(&self.config.settings.state_dir, id);
-        let name = cluster.name.clone();
-        self.save_sequence += 1;
-        let sequence = self.save_sequence;
-        let saved = self.saved.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut written = saved.lock().expect("saved lock");
-            if written.get(&id).is_some_and(|w| *w > sequence) {
-                return;
-            }
-            match crate::k8s::saved::save(&path, &name, &state) {
-                Ok(()) => {
-                    written.insert(id, sequence);
-                }
-                Err(e) => warn!(cluster = %name, "saving the cluster's state failed: {e:#}"),
-            }
-        });
     }
 
     fn warn_restart_only_changes(&self, new: &Config) {
@@ -398,29 +323,8 @@ impl Daemon {
             programs: self.components.attachments.attached(),
             services: self.components.lb.services(),
             backends: self.components.lb.backends(),
-            clusters: self.cluster_sync(),
+            clusters: self.clusters.views(),
         })
-    }
-
-    fn cluster_sync(&self) -> Vec<api::ClusterSync> {
-        self.clusters
-            .iter()
-            .map(|status| {
-                let s = status.lock().expect("status").clone();
-                let d = self.cluster_states.get(&s.id).map(|c| &c.desired);
-                api::ClusterSync {
-                    id: s.id,
-                    state: s.state.as_str().into(),
-                    last_event_age_seconds: s.last_event.map(|t| t.elapsed().as_secs()),
-                    last_error: s.last_error,
-                    services: d.map_or(0, |d| d.services.len()),
-                    egress_policies: d.map_or(0, |d| d.egress_policies.len()),
-                    peers: d.map_or(0, |d| d.peers.len()),
-                    identities: d.map_or(0, |d| d.identities.len()),
-                    name: s.name,
-                }
-            })
-            .collect()
     }
 }
 

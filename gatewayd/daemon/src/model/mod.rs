@@ -1,6 +1,8 @@
 //! The desired state of the dataplane: what should be served, independent of where it came from
 //! (the TOML file, Kubernetes clusters) and of how it is programmed (BPF maps).
 
+pub mod merge;
+
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
