@@ -2,7 +2,7 @@
 //! control socket and the systemd watchdog from one loop.
 
 use crate::config::{self, Config, Settings, SystemHost};
-use crate::control;
+use crate::control::{self, Lifecycle, Views};
 use crate::datapath::{AttachmentPlan, Capacities, Datapath};
 use crate::egress::gateway::EgressGateway;
 use crate::encryption::Encryption;
@@ -16,7 +16,7 @@ use crate::metrics::{self, Metrics, Snapshot};
 use crate::model::DesiredState;
 use crate::reconcile::{Components, Reconcile};
 use anyhow::{Context, Result};
-use gatewayd_common::api::{self, Request, Response};
+use gatewayd_common::api;
 use sd_notify::NotifyState;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,15 +24,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
+/// The daemon's parts: the configuration in force, the components it programs, the clusters
+/// it follows, and its metrics.
 struct Daemon {
-    config_path: PathBuf,
     config: Config,
+    lifecycle: Lifecycle,
     components: Components,
-    metrics: Arc<Metrics>,
-    generation: u64,
-    last_reload: Option<api::ReloadResult>,
-    started: Instant,
     clusters: Clusters,
+    metrics: Arc<Metrics>,
 }
 
 fn notify(states: &[NotifyState]) {
@@ -81,20 +80,22 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
     let _socket = control::serve(&s.control_socket, queries_tx, events)?;
 
     let mut daemon = Daemon {
-        config_path,
         config: config.clone(),
+        lifecycle: Lifecycle {
+            config_path,
+            started: Instant::now(),
+            generation: 0,
+            last_reload: None,
+        },
         components,
-        metrics,
-        generation: 0,
-        last_reload: None,
-        started: Instant::now(),
         clusters: Clusters::restore(&config.settings),
+        metrics,
     };
     daemon
         .program(&config)
         .await
         .context("applying the configuration")?;
-    daemon.generation = 1;
+    daemon.lifecycle.generation = 1;
     daemon.publish_metrics();
     // After the TOML's state is programmed: an unreachable cluster must not delay READY.
     let (cluster_updates, mut cluster_states) = tokio::sync::mpsc::channel::<ClusterUpdate>(16);
@@ -130,14 +131,7 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
                 daemon.publish_encryption().await;
             }
             Some((request, reply)) = queries.recv() => {
-                let response = match request {
-                    Request::EncryptionStatus => match daemon.components.encryption.status().await {
-                        Ok(status) => Response::EncryptionStatus(status),
-                        Err(e) => Response::Error(format!("{e:#}")),
-                    },
-                    request => daemon.answer(request),
-                };
-                let _ = reply.send(response);
+                let _ = reply.send(control::answer(request, daemon.views()).await);
             }
             Some(update) = cluster_states.recv() => daemon.cluster_update(update).await,
         }
@@ -165,16 +159,16 @@ impl Daemon {
     async fn reload(&mut self) {
         let now = SystemTime::now();
         notify(&[NotifyState::Reloading, monotonic_now()]);
-        info!(path = %self.config_path.display(), "reloading configuration");
+        info!(path = %self.lifecycle.config_path.display(), "reloading configuration");
         let result = self.load_and_apply().await;
         let (ok, message) = match result {
             Ok(new) => {
                 self.config = new;
-                self.generation += 1;
+                self.lifecycle.generation += 1;
                 self.publish_metrics();
                 self.publish_encryption().await;
-                info!(generation = self.generation, "configuration reloaded");
-                (true, format!("generation {} applied", self.generation))
+                info!(generation = self.lifecycle.generation, "configuration reloaded");
+                (true, format!("generation {} applied", self.lifecycle.generation))
             }
             Err(e) => {
                 let message = format!("{e:#}");
@@ -183,7 +177,7 @@ impl Daemon {
             }
         };
         self.metrics.count_reload(ok);
-        self.last_reload = Some(api::ReloadResult {
+        self.lifecycle.last_reload = Some(api::ReloadResult {
             unix_time: now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             ok,
             message,
@@ -220,7 +214,7 @@ impl Daemon {
 
     /// Reads the file and programs it.
     async fn load_and_apply(&mut self) -> Result<Config> {
-        let new = config::load_file(&self.config_path, &SystemHost)?;
+        let new = config::load_file(&self.lifecycle.config_path, &SystemHost)?;
         self.warn_restart_only_changes(&new);
         self.program(&new).await?;
         Ok(new)
@@ -265,7 +259,7 @@ impl Daemon {
     /// egress policy.
     fn publish_metrics(&self) {
         self.metrics.publish(Snapshot {
-            config_generation: self.generation,
+            config_generation: self.lifecycle.generation,
             services: self.components.lb.metric_labels(),
             egress_policies: self.components.egress.metric_labels(),
         });
@@ -274,57 +268,18 @@ impl Daemon {
     fn status_line(&self) -> String {
         format!(
             "generation {}: {} services on {} interfaces",
-            self.generation,
+            self.lifecycle.generation,
             self.components.lb.services(),
             self.config.settings.interfaces.len()
         )
     }
 
-    fn answer(&self, request: Request) -> Response {
-        let result = match request {
-            Request::Status => self.status().map(Response::Status),
-            Request::LbList => self.components.lb.list().map(Response::LbList),
-            Request::LbStats => self.components.lb.stats().map(Response::LbStats),
-            Request::EgressList => Ok(Response::EgressList(
-                self.components
-                    .egress
-                    .list(&self.components.in_force().egress_policies),
-            )),
-            Request::NatList => Ok(Response::NatList(self.components.egress.translations())),
-            Request::Identities => Ok(Response::Identities(
-                self.components
-                    .in_force()
-                    .identities
-                    .iter()
-                    .map(|(ip, i)| api::PodIdentity {
-                        address: ip.to_string(),
-                        identity: i.id,
-                        cluster: i.cluster.clone(),
-                        namespace: i.namespace.clone(),
-                        pod: i.pod.clone(),
-                    })
-                    .collect(),
-            )),
-            Request::Observe => unreachable!("the control socket streams events itself"),
-            Request::EncryptionStatus => unreachable!("answered by the main loop (it awaits netlink)"),
-        };
-        result.unwrap_or_else(|e| Response::Error(format!("{e:#}")))
-    }
-
-    fn status(&self) -> Result<api::Status> {
-        Ok(api::Status {
-            version: env!("CARGO_PKG_VERSION").into(),
-            pid: std::process::id(),
-            uptime_seconds: self.started.elapsed().as_secs(),
-            config_path: self.config_path.display().to_string(),
-            config_generation: self.generation,
-            last_reload: self.last_reload.clone(),
-            bpffs: self.components.attachments.pins().root().display().to_string(),
-            programs: self.components.attachments.attached(),
-            services: self.components.lb.services(),
-            backends: self.components.lb.backends(),
-            clusters: self.clusters.views(),
-        })
+    fn views(&self) -> Views<'_> {
+        Views {
+            lifecycle: &self.lifecycle,
+            components: &self.components,
+            clusters: &self.clusters,
+        }
     }
 }
 
