@@ -100,7 +100,7 @@ async fn run_async(config_path: PathBuf, config: Config) -> Result<()> {
     // After the TOML's state is programmed: an unreachable cluster must not delay READY.
     let (cluster_updates, mut cluster_states) = tokio::sync::mpsc::channel::<ClusterUpdate>(16);
     daemon.clusters.follow(&config.settings, cluster_updates).await;
-    daemon.metrics.set_clusters(daemon.clusters.statuses());
+    daemon.metrics.set_clusters(daemon.clusters.sync_status());
     daemon.publish_encryption().await;
     let status = daemon.status_line();
     info!("{status}");

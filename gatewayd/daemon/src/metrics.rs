@@ -5,7 +5,6 @@
 //! per-CPU counters itself, on a blocking thread, through its own handles on the pinned maps.
 
 use crate::datapath::pins::open_pinned_map;
-use crate::k8s::sync::{SharedStatus, SyncState};
 use crate::lb::maps::LbCounters;
 use anyhow::{Context, Result};
 use aya::maps::{MapData, PerCpuArray};
@@ -24,7 +23,27 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tracing::{info, warn};
+
+/// How the sources of desired state besides the file (the Kubernetes clusters) are followed:
+/// implemented by their sync, read at each scrape. The metrics know nothing else of them.
+pub trait SyncStatus: Send + Sync {
+    /// Every state a source can be in: one series each, 1 for a source's current state.
+    fn states(&self) -> Vec<&'static str>;
+    /// Every source, as it is now.
+    fn sources(&self) -> Vec<SourceStatus>;
+}
+
+/// One source of desired state (a cluster), as a scrape shows it.
+#[derive(Debug, Clone)]
+pub struct SourceStatus {
+    pub name: String,
+    /// One of [`SyncStatus::states`].
+    pub state: &'static str,
+    /// Since the source last delivered something; `None` before the first time.
+    pub last_event_age: Option<Duration>,
+}
 
 /// What a scrape needs to label the counters, as of the last reconcile.
 #[derive(Debug, Default, Clone)]
@@ -96,8 +115,8 @@ pub struct Metrics {
     /// Live NAT entries as of the last garbage collection, and the table's capacity.
     nat_entries: AtomicI64,
     nat_capacity: AtomicI64,
-    /// The Kubernetes clusters followed.
-    clusters: Mutex<Vec<SharedStatus>>,
+    /// The Kubernetes clusters followed, once they are.
+    clusters: Mutex<Option<Arc<dyn SyncStatus>>>,
     /// As of the daemon's last look (every few seconds, and after each reload).
     encryption: Mutex<Option<api::EncryptionStatus>>,
 }
@@ -141,27 +160,29 @@ impl Metrics {
         })
     }
 
-    pub fn set_clusters(&self, clusters: Vec<SharedStatus>) {
-        *self.clusters.lock().expect("clusters lock") = clusters;
+    pub fn set_clusters(&self, clusters: Arc<dyn SyncStatus>) {
+        *self.clusters.lock().expect("clusters lock") = Some(clusters);
     }
 
     /// Per-cluster sync state (one series per state, 1 for the current one) and staleness.
     fn register_clusters(&self, registry: &mut Registry) {
         let states = Family::<ClusterStateLabels, Gauge>::default();
         let ages = Family::<ClusterLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-        for status in self.clusters.lock().expect("clusters lock").iter() {
-            let s = status.lock().expect("status").clone();
-            for state in [SyncState::Connecting, SyncState::Synced, SyncState::Stale] {
-                states
-                    .get_or_create(&ClusterStateLabels {
-                        cluster: s.name.clone(),
-                        state: state.as_str(),
-                    })
-                    .set(i64::from(s.state == state));
-            }
-            if let Some(t) = s.last_event {
-                ages.get_or_create(&ClusterLabels { cluster: s.name })
-                    .set(t.elapsed().as_secs_f64());
+        if let Some(clusters) = self.clusters.lock().expect("clusters lock").as_ref() {
+            let all = clusters.states();
+            for s in clusters.sources() {
+                for &state in &all {
+                    states
+                        .get_or_create(&ClusterStateLabels {
+                            cluster: s.name.clone(),
+                            state,
+                        })
+                        .set(i64::from(s.state == state));
+                }
+                if let Some(age) = s.last_event_age {
+                    ages.get_or_create(&ClusterLabels { cluster: s.name })
+                        .set(age.as_secs_f64());
+                }
             }
         }
         registry.register(
@@ -541,6 +562,48 @@ mod tests {
             labels("a")
         )));
         assert!(!text.contains("ipsec"));
+    }
+
+    #[test]
+    fn each_followed_source_has_a_series_per_state_and_its_last_event_age() {
+        struct Sources;
+        impl SyncStatus for Sources {
+            fn states(&self) -> Vec<&'static str> {
+                vec!["listing", "watching"]
+            }
+            fn sources(&self) -> Vec<SourceStatus> {
+                vec![
+                    SourceStatus {
+                        name: "east".into(),
+                        state: "watching",
+                        last_event_age: Some(Duration::from_secs(3)),
+                    },
+                    SourceStatus {
+                        name: "west".into(),
+                        state: "listing",
+                        last_event_age: None,
+                    },
+                ]
+            }
+        }
+        let metrics = Metrics::new(PathBuf::new());
+        metrics.set_clusters(Arc::new(Sources));
+        let mut registry = Registry::with_prefix("gatewayd");
+        metrics.register_clusters(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            "gatewayd_k8s_cluster_state{cluster=\"east\",state=\"listing\"} 0",
+            "gatewayd_k8s_cluster_state{cluster=\"east\",state=\"watching\"} 1",
+            "gatewayd_k8s_cluster_state{cluster=\"west\",state=\"listing\"} 1",
+            "gatewayd_k8s_cluster_last_event_age_seconds{cluster=\"east\"} 3.0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in {text}");
+        }
+        assert!(
+            !text.contains("last_event_age_seconds{cluster=\"west\"}"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -4,8 +4,9 @@
 
 use super::convert::ClusterState;
 use super::saved;
-use super::sync::{self, ClusterUpdate, SharedStatus};
+use super::sync::{self, ClusterUpdate, SharedStatus, SyncState};
 use crate::config::Settings;
+use crate::metrics::{SourceStatus, SyncStatus};
 use crate::model::merge::merge;
 use crate::model::DesiredState;
 use gatewayd_common::api;
@@ -18,7 +19,7 @@ use tracing::{info, warn};
 pub struct Clusters {
     /// The last state of each cluster, by cluster id.
     states: BTreeMap<u32, Arc<ClusterState>>,
-    statuses: Vec<SharedStatus>,
+    statuses: Arc<SyncStatuses>,
     /// Merge conflicts as last logged, so each is logged once.
     conflicts: Vec<String>,
     /// Background writes of saved states: a sequence number per save, and per cluster the
@@ -52,11 +53,11 @@ impl Clusters {
 
     /// Starts following every configured cluster; new states arrive on `updates`.
     pub async fn follow(&mut self, settings: &Settings, updates: mpsc::Sender<ClusterUpdate>) {
-        self.statuses = sync::start_all(settings, updates).await;
+        self.statuses = Arc::new(SyncStatuses(sync::start_all(settings, updates).await));
     }
 
-    /// How each cluster's sync goes.
-    pub fn statuses(&self) -> Vec<SharedStatus> {
+    /// How each cluster's sync goes, for the metrics.
+    pub fn sync_status(&self) -> Arc<SyncStatuses> {
         self.statuses.clone()
     }
 
@@ -115,6 +116,7 @@ impl Clusters {
     /// `gatewayctl status`: each cluster's sync, and what it contributes.
     pub fn views(&self) -> Vec<api::ClusterSync> {
         self.statuses
+            .0
             .iter()
             .map(|status| {
                 let s = status.lock().expect("status").clone();
@@ -129,6 +131,32 @@ impl Clusters {
                     peers: d.map_or(0, |d| d.peers.len()),
                     identities: d.map_or(0, |d| d.identities.len()),
                     name: s.name,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Every followed cluster's status, which its sync task updates.
+#[derive(Default)]
+pub struct SyncStatuses(Vec<SharedStatus>);
+
+impl SyncStatus for SyncStatuses {
+    fn states(&self) -> Vec<&'static str> {
+        [SyncState::Connecting, SyncState::Synced, SyncState::Stale]
+            .map(SyncState::as_str)
+            .to_vec()
+    }
+
+    fn sources(&self) -> Vec<SourceStatus> {
+        self.0
+            .iter()
+            .map(|status| {
+                let s = status.lock().expect("status");
+                SourceStatus {
+                    name: s.name.clone(),
+                    state: s.state.as_str(),
+                    last_event_age: s.last_event.map(|t| t.elapsed()),
                 }
             })
             .collect()
