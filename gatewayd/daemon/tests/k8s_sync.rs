@@ -3,9 +3,10 @@
 //! clean relist after it comes back with a compacted history (410 Gone).
 
 use gatewayd::config::{Cluster, ClusterAccess, Host, SecretRef, DEFAULT_LOAD_BALANCER_CLASS};
-use gatewayd::encryption::ipsec::{parse_key_file, plan_keys, InstalledKey};
+use gatewayd::encryption::ipsec::{plan_keys, InstalledKey};
 use gatewayd::k8s::convert::ClusterState;
 use gatewayd::k8s::sync::{self, ClusterUpdate, SharedStatus, SyncState};
+use gatewayd::model::parse_key_file;
 use gatewayd_integration::apiserver::ApiServer;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -231,7 +232,8 @@ const PSK2: &str = "ffeeddccbbaa99887766554433221100";
 async fn next_keys(updates: &mut mpsc::Receiver<ClusterUpdate>, keys: Option<&str>) -> Arc<ClusterState> {
     loop {
         let state = next_update(updates).await;
-        if state.desired.ipsec_keys.as_ref().map(|k| k.text.as_str()) != keys {
+        let wanted = keys.map(|text| parse_key_file(text).unwrap());
+        if state.desired.ipsec_keys.as_ref().map(|k| &k.keys) != wanted.as_ref() {
             return state;
         }
     }
@@ -273,7 +275,7 @@ async fn ipsec_keys_follow_their_secret_and_rotate() {
     let plan = |state: &ClusterState, installed: &BTreeMap<u8, InstalledKey>| {
         let keys = state.desired.ipsec_keys.as_ref().expect("keys from the Secret");
         assert_eq!(keys.origin, "secret keys/gatewayd/gatewayd-ipsec");
-        plan_keys(installed, &parse_key_file(&keys.text).unwrap(), 1000, 60).unwrap()
+        plan_keys(installed, &keys.keys, 1000, 60).unwrap()
     };
     let state = next_keys(&mut updates, None).await;
     let one = plan(&state, &BTreeMap::new());

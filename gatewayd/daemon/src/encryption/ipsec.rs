@@ -30,7 +30,7 @@ use std::path::Path;
 use tracing::{error, info, warn};
 
 use crate::config::IpsecSettings;
-use crate::model::{IpsecKeys, Peer};
+use crate::model::{parse_key_file, IpsecKeys, KeyFile, Peer, MIN_PSK_LEN};
 
 /// Marks gatewayd's XFRM states and policy templates ("gd" and 1).
 pub const REQID: u32 = 0x6764_0001;
@@ -38,67 +38,10 @@ pub const REQID: u32 = 0x6764_0001;
 pub const AEAD: &str = "rfc4106(gcm(aes))";
 const AEAD_KEY_LEN: usize = 32 + 4;
 const ICV_BITS: u32 = 128;
-/// Pre-shared keys shorter than this are refused.
-const MIN_PSK_LEN: usize = 16;
 /// An SPI no key id can have, for the start-up probe.
 const PROBE_SPI: u32 = 0x6764_ffff;
 
-/// The keys file: `(id, key)` in file order; the last one is current.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyFile {
-    pub keys: Vec<(u8, Vec<u8>)>,
-}
-
-impl KeyFile {
-    pub fn current(&self) -> u8 {
-        self.keys.last().expect("a parsed key file has a key").0
-    }
-
-    pub fn get(&self, id: u8) -> Option<&[u8]> {
-        self.keys
-            .iter()
-            .find(|(i, _)| *i == id)
-            .map(|(_, k)| k.as_slice())
-    }
-}
-
-/// Parses `<id> <hex key>` lines (`#` comments and blank lines allowed). Errors name the line
-/// and never quote key material.
-pub fn parse_key_file(text: &str) -> Result<KeyFile> {
-    let mut keys: Vec<(u8, Vec<u8>)> = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        let n = n + 1;
-        let line = line.split('#').next().unwrap_or("").trim();
-        if line.is_empty() {
-            continue;
-        }
-        let mut fields = line.split_whitespace();
-        let (Some(id), Some(hex), None) = (fields.next(), fields.next(), fields.next()) else {
-            bail!("line {n}: expected \"<key id> <hex key>\"");
-        };
-        let id: u8 = match id.parse() {
-            Ok(id) if id > 0 => id,
-            _ => bail!("line {n}: key id {id:?} is not 1-255"),
-        };
-        let hex = hex.strip_prefix("0x").unwrap_or(hex);
-        let key = hex::decode(hex).map_err(|_| anyhow!("line {n}: key {id} is not hexadecimal"))?;
-        if key.len() < MIN_PSK_LEN {
-            bail!(
-                "line {n}: key {id} has {} bytes; at least {MIN_PSK_LEN} are needed",
-                key.len()
-            );
-        }
-        if keys.iter().any(|(i, _)| *i == id) {
-            bail!("line {n}: key id {id} appears twice");
-        }
-        keys.push((id, key));
-    }
-    if keys.is_empty() {
-        bail!("no key in the file");
-    }
-    Ok(KeyFile { keys })
-}
-
+/// The key file (`encryption.ipsec.key_file`), read and parsed.
 pub fn read_key_file(path: &Path) -> Result<KeyFile> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     parse_key_file(&text).with_context(|| format!("{}", path.display()))
@@ -122,12 +65,21 @@ pub fn derive_key(psk: &[u8], id: u8, sender: IpAddr, receiver: IpAddr) -> [u8; 
     out
 }
 
-/// A key whose states are installed, and when it stops being accepted.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A key whose states are installed, and when it stops being accepted. Debug leaves the key
+/// out.
+#[derive(Clone, PartialEq, Eq)]
 pub struct InstalledKey {
     pub psk: Vec<u8>,
     /// Unix seconds after which its states go; None while it is the current key.
     pub retire_at: Option<u64>,
+}
+
+impl std::fmt::Debug for InstalledKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InstalledKey")
+            .field("retire_at", &self.retire_at)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The keys after a plan, and which ids gain or lose their states.
@@ -585,7 +537,7 @@ impl Ipsec {
         // Keys from a Secret come with the cluster's other changes: bad keys (a missing Secret
         // is logged by the sync) leave the keys in force rather than hold those changes up.
         if let Some(keys) = secret_keys {
-            match parse_key_file(&keys.text).and_then(|file| self.plan_with(file, peers, now)) {
+            match self.plan_with(keys.keys.clone(), peers, now) {
                 Ok(plan) => return Ok(Some(plan)),
                 Err(e) => error!("IPsec keys from {}: {e:#}; the keys in force stay", keys.origin),
             }
@@ -922,7 +874,7 @@ mod tests {
         let peers = [peer("a", "192.0.2.2:0", &["10.244.1.0/24"])];
         let secret = |text: String| IpsecKeys {
             origin: "secret c/gatewayd/gatewayd-ipsec".into(),
-            text,
+            keys: parse_key_file(&text).unwrap(),
         };
         let ids = |plan: &IpsecPlan| {
             let ids: BTreeSet<u32> = plan.states.iter().map(|s| s.spi).collect();

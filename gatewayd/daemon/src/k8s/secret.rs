@@ -1,15 +1,14 @@
 //! IPsec keys from a Kubernetes Secret (`[encryption.ipsec] key_secret`): the cluster it names
 //! runs one more reflector, on that Secret alone (a `metadata.name` field selector in its
 //! namespace, which RBAC can grant by `resourceNames`). Its data key
-//! [`KEY_SECRET_DATA_KEY`] holds the same text as a key file; the sync puts it into the
-//! cluster's desired state, and the encryption parses and rotates it like the file's.
+//! [`KEY_SECRET_DATA_KEY`] holds the same text as a key file; the sync parses it and puts the
+//! keys into the cluster's desired state, and the encryption rotates them like the file's.
 //!
 //! A missing or invalid Secret is logged (once per problem, naming the Secret) and contributes
 //! no keys: the keys in force stay, nothing is flushed.
 
 use crate::config::{SecretRef, KEY_SECRET_DATA_KEY};
-use crate::encryption::ipsec::parse_key_file;
-use crate::model::IpsecKeys;
+use crate::model::{parse_key_file, IpsecKeys, KeyFile};
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::reflector::{self, store::Writer, Store};
@@ -19,19 +18,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tracing::error;
 
-/// The key text of `secret`, or what is wrong with it. The text is checked with the key file
-/// parser, so a bad edit is reported here, where the Secret is known; messages never quote
-/// key material.
-pub fn key_text(secret: &Secret) -> Result<String, String> {
+/// The text of `secret`'s keys data key, or what is wrong with it.
+pub fn key_data(secret: &Secret) -> Result<&str, String> {
     let data = secret
         .data
         .as_ref()
         .and_then(|d| d.get(KEY_SECRET_DATA_KEY))
         .ok_or_else(|| format!("has no data key {KEY_SECRET_DATA_KEY:?}"))?;
-    let text =
-        std::str::from_utf8(&data.0).map_err(|_| format!("data key {KEY_SECRET_DATA_KEY:?} is not text"))?;
-    parse_key_file(text).map_err(|e| format!("data key {KEY_SECRET_DATA_KEY:?}: {e:#}"))?;
-    Ok(text.to_owned())
+    std::str::from_utf8(&data.0).map_err(|_| format!("data key {KEY_SECRET_DATA_KEY:?} is not text"))
+}
+
+/// The keys of `secret`, parsed here, where the Secret is known, so a bad edit is reported
+/// naming it; messages never quote key material.
+pub fn keys(secret: &Secret) -> Result<KeyFile, String> {
+    parse_key_file(key_data(secret)?).map_err(|e| format!("data key {KEY_SECRET_DATA_KEY:?}: {e:#}"))
 }
 
 /// The reflector on the key Secret, and what it last reported.
@@ -89,16 +89,16 @@ impl KeySecret {
         if !self.listed.load(Ordering::Relaxed) {
             return None;
         }
-        let text = match self.store.state().first() {
+        let keys = match self.store.state().first() {
             None => Err("not found".to_string()),
-            Some(secret) => key_text(secret),
+            Some(secret) => keys(secret),
         };
-        match text {
-            Ok(text) => {
+        match keys {
+            Ok(keys) => {
                 self.logged = None;
                 Some(IpsecKeys {
                     origin: format!("secret {}", self.reference),
-                    text,
+                    keys,
                 })
             }
             Err(problem) => {
@@ -135,6 +135,12 @@ mod tests {
 
     fn b64(bytes: impl AsRef<[u8]>) -> serde_json::Value {
         serde_json::to_value(k8s_openapi::ByteString(bytes.as_ref().to_vec())).unwrap()
+    }
+
+    /// What the operator wrote in the Secret, checked the way the sync reads it.
+    fn key_text(secret: &Secret) -> Result<String, String> {
+        keys(secret)?;
+        Ok(key_data(secret)?.to_owned())
     }
 
     #[test]
@@ -182,7 +188,7 @@ mod tests {
     fn debug_output_leaves_the_keys_out() {
         let keys = IpsecKeys {
             origin: "secret c/gatewayd/gatewayd-ipsec".into(),
-            text: format!("1 {PSK1}\n"),
+            keys: parse_key_file(&format!("1 {PSK1}\n")).unwrap(),
         };
         let shown = format!("{keys:?}");
         assert!(

@@ -3,6 +3,7 @@
 
 pub mod merge;
 
+use anyhow::{anyhow, bail, Result};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -133,21 +134,82 @@ pub struct Identity {
     pub pod: String,
 }
 
-/// IPsec pre-shared keys in the key file format (`<key id> <hex key>` lines, the last one
-/// current; see encryption::ipsec), and where they came from, for messages. Debug leaves the
-/// keys out: states are logged at debug level.
-#[derive(Clone, PartialEq, Eq)]
+/// IPsec pre-shared keys from a cluster's Secret, parsed where the Secret is read, and where
+/// they came from, for messages. Debug leaves the keys out (states are logged at debug level).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IpsecKeys {
     pub origin: String,
-    pub text: String,
+    pub keys: KeyFile,
 }
 
-impl fmt::Debug for IpsecKeys {
+/// Pre-shared keys shorter than this are refused.
+pub const MIN_PSK_LEN: usize = 16;
+
+/// IPsec pre-shared keys, parsed from the key file format (`<key id> <hex key>` lines, see
+/// [`parse_key_file`]): `(id, key)` in file order; the last one is current. Debug shows the ids,
+/// never the keys.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeyFile {
+    pub keys: Vec<(u8, Vec<u8>)>,
+}
+
+impl fmt::Debug for KeyFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IpsecKeys")
-            .field("origin", &self.origin)
+        let ids: Vec<u8> = self.keys.iter().map(|(id, _)| *id).collect();
+        f.debug_struct("KeyFile")
+            .field("ids", &ids)
             .finish_non_exhaustive()
     }
+}
+
+impl KeyFile {
+    pub fn current(&self) -> u8 {
+        self.keys.last().expect("a parsed key file has a key").0
+    }
+
+    pub fn get(&self, id: u8) -> Option<&[u8]> {
+        self.keys
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, k)| k.as_slice())
+    }
+}
+
+/// Parses `<id> <hex key>` lines (`#` comments and blank lines allowed). Errors name the line
+/// and never quote key material.
+pub fn parse_key_file(text: &str) -> Result<KeyFile> {
+    let mut keys: Vec<(u8, Vec<u8>)> = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let n = n + 1;
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let mut fields = line.split_whitespace();
+        let (Some(id), Some(hex), None) = (fields.next(), fields.next(), fields.next()) else {
+            bail!("line {n}: expected \"<key id> <hex key>\"");
+        };
+        let id: u8 = match id.parse() {
+            Ok(id) if id > 0 => id,
+            _ => bail!("line {n}: key id {id:?} is not 1-255"),
+        };
+        let hex = hex.strip_prefix("0x").unwrap_or(hex);
+        let key = hex::decode(hex).map_err(|_| anyhow!("line {n}: key {id} is not hexadecimal"))?;
+        if key.len() < MIN_PSK_LEN {
+            bail!(
+                "line {n}: key {id} has {} bytes; at least {MIN_PSK_LEN} are needed",
+                key.len()
+            );
+        }
+        if keys.iter().any(|(i, _)| *i == id) {
+            bail!("line {n}: key id {id} appears twice");
+        }
+        keys.push((id, key));
+    }
+    if keys.is_empty() {
+        bail!("no key in the file");
+    }
+    Ok(KeyFile { keys })
 }
 
 /// How an XDP program runs on an interface (`interfaces[].xdp_mode`).
