@@ -14,24 +14,24 @@ mod pod {
     // SAFETY: every type is #[repr(C)], made only of integers and byte arrays, with no padding
     // the kernel could leave uninitialised (sizes are asserted in maps.rs).
     unsafe impl aya::Pod for VipKey {}
-    unsafe impl aya::Pod for Service {}
-    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for ServiceEntry {}
+    unsafe impl aya::Pod for BackendEntry {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for LbFlow {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for Affinity {}
     unsafe impl aya::Pod for SourceRangeData {}
-    unsafe impl aya::Pod for LbSettings {}
+    unsafe impl aya::Pod for LbSettingsEntry {}
     unsafe impl aya::Pod for TrafficCounters {}
     unsafe impl aya::Pod for ReasonCounters {}
-    unsafe impl aya::Pod for FlowEvent {}
+    unsafe impl aya::Pod for FlowEventRecord {}
     unsafe impl aya::Pod for Observe {}
     unsafe impl aya::Pod for EgressDstData {}
     unsafe impl aya::Pod for EgressDst {}
     unsafe impl aya::Pod for EgressSrcData {}
-    unsafe impl aya::Pod for EgressPolicy {}
+    unsafe impl aya::Pod for EgressPolicyEntry {}
     unsafe impl aya::Pod for EgressAddrKey {}
-    unsafe impl aya::Pod for EgressSettings {}
+    unsafe impl aya::Pod for EgressSettingsEntry {}
     unsafe impl aya::Pod for NatEntry {}
     unsafe impl aya::Pod for EgressCounters {}
 }

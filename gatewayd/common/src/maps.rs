@@ -89,7 +89,7 @@ pub struct VipKey {
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Service {
+pub struct ServiceEntry {
     pub service_id: u32,
     pub flags: u32,
     pub affinity_timeout_s: u32,
@@ -101,7 +101,7 @@ pub struct Service {
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Backend {
+pub struct BackendEntry {
     pub addr: [u8; 16],
     pub family: u8,
     pub state: u8,
@@ -156,13 +156,13 @@ pub struct SourceRangeData {
     pub addr: [u8; 16],
 }
 
-/// `LbSettings::flags`: every encapsulated packet is routed by the kernel (IPsec mode: XFRM
+/// `LbSettingsEntry::flags`: every encapsulated packet is routed by the kernel (IPsec mode: XFRM
 /// applies only on the kernel's path). GD_LB_F_KERNEL_ROUTE.
 pub const LB_F_KERNEL_ROUTE: u32 = 1 << 0;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LbSettings {
+pub struct LbSettingsEntry {
     pub src4: [u8; 4],
     pub src4_hostmask: [u8; 4],
     pub src6: [u8; 16],
@@ -191,7 +191,7 @@ pub const EVENT_DROP: u8 = 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FlowEvent {
+pub struct FlowEventRecord {
     /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns).
     pub ts_ns: u64,
     pub key: FlowKey,
@@ -259,7 +259,7 @@ pub struct EgressSrcData {
 /// `gd_egress_pols` value (index policy_id); family 0 = unused id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct EgressPolicy {
+pub struct EgressPolicyEntry {
     pub egress_addr: [u8; 16],
     pub family: u8,
     pub pad: [u8; 3],
@@ -277,7 +277,7 @@ pub struct EgressAddrKey {
 /// `gd_egress_cfg[0]`: NAT timeouts and port range.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct EgressSettings {
+pub struct EgressSettingsEntry {
     pub tcp_established_s: u32,
     pub tcp_closing_s: u32,
     pub tcp_syn_s: u32,
@@ -319,24 +319,24 @@ pub struct EgressCounters {
 const _: () = {
     use std::mem::size_of;
     assert!(size_of::<VipKey>() == 20);
-    assert!(size_of::<Service>() == 16);
-    assert!(size_of::<Backend>() == 24);
+    assert!(size_of::<ServiceEntry>() == 16);
+    assert!(size_of::<BackendEntry>() == 24);
     assert!(size_of::<FlowKey>() == 40);
     assert!(size_of::<LbFlow>() == 8);
     assert!(size_of::<AffinityKey>() == 24);
     assert!(size_of::<Affinity>() == 16);
     assert!(size_of::<SourceRangeData>() == 24);
-    assert!(size_of::<LbSettings>() == 48);
+    assert!(size_of::<LbSettingsEntry>() == 48);
     assert!(size_of::<TrafficCounters>() == 24);
     assert!(size_of::<ReasonCounters>() == 16);
-    assert!(size_of::<FlowEvent>() == 64);
+    assert!(size_of::<FlowEventRecord>() == 64);
     assert!(size_of::<Observe>() == 8);
     assert!(size_of::<EgressDstData>() == 20);
     assert!(size_of::<EgressDst>() == 36);
     assert!(size_of::<EgressSrcData>() == 24);
-    assert!(size_of::<EgressPolicy>() == 20);
+    assert!(size_of::<EgressPolicyEntry>() == 20);
     assert!(size_of::<EgressAddrKey>() == 20);
-    assert!(size_of::<EgressSettings>() == 24);
+    assert!(size_of::<EgressSettingsEntry>() == 24);
     assert!(size_of::<NatEntry>() == 48);
     assert!(size_of::<EgressCounters>() == 48);
 };
@@ -357,10 +357,14 @@ pub fn layouts() -> Vec<StructLayout> {
         layout!("gd_vip_key", VipKey, [addr, port, proto, family]),
         layout!(
             "gd_service",
-            Service,
+            ServiceEntry,
             [service_id, flags, affinity_timeout_s, encap, pad, gue_port]
         ),
-        layout!("gd_backend", Backend, [addr, family, state, port, service_id]),
+        layout!(
+            "gd_backend",
+            BackendEntry,
+            [addr, family, state, port, service_id]
+        ),
         layout!(
             "gd_flow_key",
             FlowKey,
@@ -371,7 +375,7 @@ pub fn layouts() -> Vec<StructLayout> {
         layout!("gd_affinity", Affinity, [last_seen_ns, backend_id, pad]),
         layout!(
             "gd_lb_settings",
-            LbSettings,
+            LbSettingsEntry,
             [src4, src4_hostmask, src6, src6_hostmask, flags, pad]
         ),
         layout!(
@@ -382,16 +386,16 @@ pub fn layouts() -> Vec<StructLayout> {
         layout!("gd_reason_counters", ReasonCounters, [packets, bytes]),
         layout!(
             "gd_flow_event",
-            FlowEvent,
+            FlowEventRecord,
             [ts_ns, key, service_id, backend_id, bytes, reason, kind, pad]
         ),
         layout!("gd_observe", Observe, [enabled, pad]),
         layout!("gd_egress_dst", EgressDst, [count, policy_ids]),
-        layout!("gd_egress_policy", EgressPolicy, [egress_addr, family, pad]),
+        layout!("gd_egress_policy", EgressPolicyEntry, [egress_addr, family, pad]),
         layout!("gd_egress_addr_key", EgressAddrKey, [addr, family, pad]),
         layout!(
             "gd_egress_settings",
-            EgressSettings,
+            EgressSettingsEntry,
             [
                 tcp_established_s,
                 tcp_closing_s,

@@ -35,7 +35,7 @@ use gatewayd::datapath::Capacities;
 use gatewayd::lb::maglev::{build_table, MaglevBackend};
 use gatewayd::lb::plan::LbParams;
 use gatewayd::model::{BackendState, Protocol, Service};
-use gatewayd_common::maps::{FlowEvent, FlowKey, LbFlow, Observe, EVENT_LB_NEW_FLOW};
+use gatewayd_common::maps::{FlowEventRecord, FlowKey, LbFlow, Observe, EVENT_LB_NEW_FLOW};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
@@ -320,7 +320,7 @@ impl Observer {
         while let Some(item) = maps.ring.next() {
             // SAFETY: the datapath writes whole gd_flow_event records; read_unaligned copes
             // with the ring's alignment.
-            events.push(unsafe { std::ptr::read_unaligned::<FlowEvent>(item.as_ptr().cast()) });
+            events.push(unsafe { std::ptr::read_unaligned::<FlowEventRecord>(item.as_ptr().cast()) });
         }
         let key = pkt.flow_key();
         match (events.as_slice(), self.expect_event) {

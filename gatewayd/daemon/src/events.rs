@@ -69,12 +69,12 @@ impl EventHub {
                 let snapshot = metrics.snapshot();
                 let clock = Clock::now();
                 while let Some(item) = ring.get_mut().next() {
-                    if item.len() < std::mem::size_of::<m::FlowEvent>() {
+                    if item.len() < std::mem::size_of::<m::FlowEventRecord>() {
                         continue;
                     }
                     // SAFETY: the datapath writes whole gd_flow_event records (size checked);
                     // read_unaligned copes with the ring's 8-byte alignment either way.
-                    let raw: m::FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                    let raw: m::FlowEventRecord = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
                     // No receivers is normal between observers.
                     let _ = sender.send(describe(&raw, &snapshot, &clock));
                 }
@@ -130,7 +130,7 @@ impl Clock {
     }
 }
 
-fn describe(raw: &m::FlowEvent, snapshot: &crate::metrics::Snapshot, clock: &Clock) -> api::FlowEvent {
+fn describe(raw: &m::FlowEventRecord, snapshot: &crate::metrics::Snapshot, clock: &Clock) -> api::FlowEvent {
     let k = &raw.key;
     let ip = |a: &[u8; 16]| {
         addr_from_bytes(a, k.family)

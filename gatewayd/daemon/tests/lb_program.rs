@@ -580,7 +580,7 @@ fn removing_services_skips_entries_already_gone() {
     lb.serve(&services).unwrap();
     let maps = lb.datapath.pins().maps();
     let open = |name: &str| aya::maps::MapData::from_pin(maps.join(name)).unwrap();
-    let mut vips: aya::maps::HashMap<_, gatewayd_common::maps::VipKey, gatewayd_common::maps::Service> =
+    let mut vips: aya::maps::HashMap<_, gatewayd_common::maps::VipKey, gatewayd_common::maps::ServiceEntry> =
         aya::maps::Map::HashMap(open("gd_services")).try_into().unwrap();
     let mut tables: aya::maps::HashOfMaps<_, u32, aya::maps::MapData> =
         aya::maps::Map::HashOfMaps(open("gd_maglev")).try_into().unwrap();

@@ -17,16 +17,13 @@ use std::collections::BTreeMap;
 pub struct EgressMaps {
     destinations: LpmTrie<MapData, EgressDstData, EgressDst>,
     sources: LpmTrie<MapData, EgressSrcData, u8>,
-    policies: Array<MapData, EgressPolicy>,
+    policies: Array<MapData, EgressPolicyEntry>,
     addresses: HashMap<MapData, EgressAddrKey, u8>,
-    settings: Array<MapData, EgressSettings_>,
+    settings: Array<MapData, EgressSettingsEntry>,
     stats: PerCpuArray<MapData, EgressCounters>,
     nat: HashMap<MapData, FlowKey, NatEntry>,
     nat_capacity: u32,
 }
-
-/// The map value type, renamed here to keep the config type's name free.
-type EgressSettings_ = gatewayd_common::maps::EgressSettings;
 
 /// One live translation, for `gatewayctl nat list`.
 #[derive(Debug, Clone)]
@@ -50,7 +47,7 @@ impl EgressMaps {
     }
 
     pub fn set_settings(&mut self, s: &EgressSettings) -> Result<()> {
-        let value = EgressSettings_ {
+        let value = EgressSettingsEntry {
             tcp_established_s: s.tcp_established_timeout,
             tcp_closing_s: s.tcp_closing_timeout,
             tcp_syn_s: s.tcp_syn_timeout,
@@ -84,7 +81,7 @@ impl EgressMaps {
                 let (egress_addr, family) = addr_bytes(*egress_ip);
                 self.policies.set(
                     *policy_id,
-                    EgressPolicy {
+                    EgressPolicyEntry {
                         egress_addr,
                         family,
                         pad: [0; 3],
@@ -120,7 +117,7 @@ impl EgressMaps {
             }
             EgressOp::DeletePolicy { policy_id } => {
                 let old = self.policies.get(policy_id, 0)?;
-                self.policies.set(*policy_id, EgressPolicy::default(), 0)?;
+                self.policies.set(*policy_id, EgressPolicyEntry::default(), 0)?;
                 let still_used = (1..self.policies.len())
                     .filter_map(|id| self.policies.get(&id, 0).ok())
                     .any(|p| p.family == old.family && p.egress_addr == old.egress_addr);

@@ -13,7 +13,7 @@ use crate::reconcile::Reconcile;
 use anyhow::{Context, Result};
 use gatewayd_common::api;
 use gatewayd_common::maps::{
-    LbSettings, TrafficCounters, ENCAP_GUE, LB_F_KERNEL_ROUTE, REASON_NAMES, SVC_F_AFFINITY,
+    LbSettingsEntry, TrafficCounters, ENCAP_GUE, LB_F_KERNEL_ROUTE, REASON_NAMES, SVC_F_AFFINITY,
 };
 use ipnet::IpNet;
 use std::collections::BTreeMap;
@@ -29,7 +29,7 @@ pub struct LoadBalancer {
 #[derive(Debug)]
 pub struct LbPlan {
     services: ServicePlan,
-    settings: LbSettings,
+    settings: LbSettingsEntry,
 }
 
 impl LoadBalancer {

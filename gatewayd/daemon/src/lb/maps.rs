@@ -34,7 +34,7 @@ pub struct LbMaps {
     service_stats: MapData,
     backend_stats: MapData,
     source_ranges: LpmTrie<MapData, SourceRangeData, u8>,
-    settings: Array<MapData, LbSettings>,
+    settings: Array<MapData, LbSettingsEntry>,
     counters: LbCounters,
 }
 
@@ -106,7 +106,7 @@ impl LbMaps {
                 &fields!(LbOp::ResetBackendStats { backend_id } => *backend_id),
             )?,
             LbOp::PutBackend { .. } => {
-                let (ids, values): (Vec<u32>, Vec<Backend>) =
+                let (ids, values): (Vec<u32>, Vec<BackendEntry>) =
                     fields!(LbOp::PutBackend { backend_id, value } => (*backend_id, *value))
                         .into_iter()
                         .unzip();
@@ -117,7 +117,7 @@ impl LbMaps {
                 update_batch(
                     self.backends.fd().as_fd(),
                     &ids,
-                    &vec![Backend::default(); ids.len()],
+                    &vec![BackendEntry::default(); ids.len()],
                 )?
             }
             LbOp::PutMaglev { .. } => {
@@ -131,7 +131,7 @@ impl LbMaps {
                 &fields!(LbOp::DeleteMaglev { service_id } => *service_id),
             )?,
             LbOp::PutService { .. } => {
-                let (keys, values): (Vec<VipKey>, Vec<Service>) =
+                let (keys, values): (Vec<VipKey>, Vec<ServiceEntry>) =
                     fields!(LbOp::PutService { key, value } => (*key, *value))
                         .into_iter()
                         .unzip();
@@ -171,7 +171,7 @@ impl LbMaps {
         update_batch(self.maglev.fd().as_fd(), &service_ids, &fds)
     }
 
-    pub fn set_settings(&mut self, settings: &LbSettings) -> Result<()> {
+    pub fn set_settings(&mut self, settings: &LbSettingsEntry) -> Result<()> {
         self.settings.set(0, settings, 0)?;
         Ok(())
     }
@@ -179,9 +179,9 @@ impl LbMaps {
     /// Rebuilds the programmed state from the maps, e.g. after a restart: ids stay as the
     /// previous daemon allocated them, so established flows keep pointing at the right backends.
     pub fn recover(&self) -> Result<Programmed> {
-        let services: HashMap<MapData, VipKey, Service> =
+        let services: HashMap<MapData, VipKey, ServiceEntry> =
             open_pinned_map(&self.maps_dir, map_names::SERVICES)?;
-        let backends: Array<MapData, Backend> = open_pinned_map(&self.maps_dir, map_names::BACKENDS)?;
+        let backends: Array<MapData, BackendEntry> = open_pinned_map(&self.maps_dir, map_names::BACKENDS)?;
         let mut by_id: BTreeMap<u32, (ServiceKey, ProgrammedService)> = BTreeMap::new();
         for entry in services.iter() {
             let (key, value) = entry?;
@@ -391,8 +391,8 @@ fn sum_traffic(map: &PerCpuArray<MapData, TrafficCounters>, index: u32) -> Resul
 
 /// The `gd_lb_settings` value for the given outer source networks. A network with host bits
 /// (prefix shorter than the address) lets the datapath spread flows over those addresses.
-pub fn lb_settings(source_v4: Option<IpNet>, source_v6: Option<IpNet>) -> LbSettings {
-    let mut s = LbSettings::default();
+pub fn lb_settings(source_v4: Option<IpNet>, source_v6: Option<IpNet>) -> LbSettingsEntry {
+    let mut s = LbSettingsEntry::default();
     if let Some(IpNet::V4(net)) = source_v4 {
         s.src4 = net.addr().octets();
         s.src4_hostmask = net.hostmask().octets();

@@ -32,7 +32,7 @@ pub enum LbOp {
     },
     PutBackend {
         backend_id: u32,
-        value: maps::Backend,
+        value: maps::BackendEntry,
     },
     /// Replace the service's Maglev table with a fresh inner map (one atomic swap). The
     /// operation carries what the table is built from, not the table: the map writer builds
@@ -48,7 +48,7 @@ pub enum LbOp {
     },
     PutService {
         key: maps::VipKey,
-        value: maps::Service,
+        value: maps::ServiceEntry,
     },
     DeleteService {
         key: maps::VipKey,
@@ -125,7 +125,7 @@ impl TableInput {
 pub struct ProgrammedService {
     pub name: String,
     pub service_id: u32,
-    pub value: maps::Service,
+    pub value: maps::ServiceEntry,
     pub backends: BTreeMap<IpAddr, ProgrammedBackend>,
     pub source_ranges: BTreeSet<IpNet>,
     /// `None` when recovered from the maps of a previous daemon: rebuilt on the first apply
@@ -182,7 +182,7 @@ pub fn vip_key(key: &ServiceKey) -> maps::VipKey {
     }
 }
 
-fn service_value(service: &Service, service_id: u32) -> maps::Service {
+fn service_value(service: &Service, service_id: u32) -> maps::ServiceEntry {
     let mut flags = 0;
     if !service.source_ranges.is_empty() {
         flags |= maps::SVC_F_SOURCE_RANGES;
@@ -194,7 +194,7 @@ fn service_value(service: &Service, service_id: u32) -> maps::Service {
         Encapsulation::Ipip => (maps::ENCAP_IPIP, 0),
         Encapsulation::Gue { port } => (maps::ENCAP_GUE, port.to_be()),
     };
-    maps::Service {
+    maps::ServiceEntry {
         service_id,
         flags,
         affinity_timeout_s: service.affinity_timeout.unwrap_or(0),
@@ -356,7 +356,7 @@ impl Programmed {
                     let (addr, family) = maps::addr_bytes(b.address);
                     backend_puts.push(LbOp::PutBackend {
                         backend_id,
-                        value: maps::Backend {
+                        value: maps::BackendEntry {
                             addr,
                             family,
                             state: state_code(b.state),
@@ -645,7 +645,7 @@ mod tests {
         for op in &ops {
             if let LbOp::PutMaglev { service_id, .. }
             | LbOp::PutService {
-                value: maps::Service { service_id, .. },
+                value: maps::ServiceEntry { service_id, .. },
                 ..
             } = op
             {
@@ -689,7 +689,7 @@ mod tests {
             .unwrap();
         assert!(ops.contains(&LbOp::PutBackend {
             backend_id: old_id,
-            value: maps::Backend {
+            value: maps::BackendEntry {
                 addr: maps::addr_bytes("10.1.0.2".parse().unwrap()).0,
                 family: maps::FAMILY_INET,
                 state: maps::BACKEND_TERMINATING,

@@ -12,9 +12,9 @@ use aya::util::nr_cpus;
 use aya::{Ebpf, EbpfLoader};
 use gatewayd::datapath::objects;
 use gatewayd_common::maps::{
-    addr_bytes, EgressAddrKey, EgressCounters, EgressDst, EgressDstData, EgressPolicy, EgressSettings,
-    EgressSrcData, FlowKey, NatEntry, ReasonCounters, EGRESS_DST_PREFIX_BITS, EGRESS_SRC_PREFIX_BITS,
-    NAT_DIR_ORIGINAL, NAT_DIR_REPLY, REASON_NAMES,
+    addr_bytes, EgressAddrKey, EgressCounters, EgressDst, EgressDstData, EgressPolicyEntry,
+    EgressSettingsEntry, EgressSrcData, FlowKey, NatEntry, ReasonCounters, EGRESS_DST_PREFIX_BITS,
+    EGRESS_SRC_PREFIX_BITS, NAT_DIR_ORIGINAL, NAT_DIR_REPLY, REASON_NAMES,
 };
 use ipnet::IpNet;
 use std::collections::BTreeMap;
@@ -56,8 +56,8 @@ pub const ROUTER6: &str = "2001:db8:100::fe";
 pub const PORT_MIN: u16 = 20000;
 pub const PORT_MAX: u16 = 29999;
 
-pub fn settings() -> EgressSettings {
-    EgressSettings {
+pub fn settings() -> EgressSettingsEntry {
+    EgressSettingsEntry {
         tcp_established_s: 3600,
         tcp_closing_s: 10,
         tcp_syn_s: 60,
@@ -87,17 +87,17 @@ pub struct Nat {
     pub table: HashMap<MapData, FlowKey, NatEntry>,
     pub stats: PerCpuArray<MapData, EgressCounters>,
     pub reasons: PerCpuArray<MapData, ReasonCounters>,
-    pub cfg: Array<MapData, EgressSettings>,
+    pub cfg: Array<MapData, EgressSettingsEntry>,
     pub dst: LpmTrie<MapData, EgressDstData, EgressDst>,
     pub src: LpmTrie<MapData, EgressSrcData, u8>,
-    pub pols: Array<MapData, EgressPolicy>,
+    pub pols: Array<MapData, EgressPolicyEntry>,
     pub addrs: HashMap<MapData, EgressAddrKey, u8>,
     pub _pins: ScratchPins,
 }
 
 impl Nat {
     /// The object with no policy, the given settings and room for `nat_entries` entries.
-    pub fn empty(settings: EgressSettings, nat_entries: u32) -> Result<Nat> {
+    pub fn empty(settings: EgressSettingsEntry, nat_entries: u32) -> Result<Nat> {
         let pins = ScratchPins::new();
         std::fs::create_dir_all(&pins.path).with_context(|| format!("creating {}", pins.path.display()))?;
         let mut ebpf = EbpfLoader::new()
@@ -141,14 +141,14 @@ impl Nat {
     }
 
     /// The standard policies with a small NAT table (4096 entries), as the tests use them.
-    pub fn new(settings: EgressSettings) -> Result<Nat> {
+    pub fn new(settings: EgressSettingsEntry) -> Result<Nat> {
         Nat::sized(settings, 4096)
     }
 
     /// The standard policies (see WIDE, NARROW, V6), programmed the way the daemon's compiler
     /// lays them out: one destination entry per prefix any policy names, candidates most
     /// specific destination first, an excluded prefix without candidates.
-    pub fn sized(settings: EgressSettings, nat_entries: u32) -> Result<Nat> {
+    pub fn sized(settings: EgressSettingsEntry, nat_entries: u32) -> Result<Nat> {
         let mut nat = Nat::empty(settings, nat_entries)?;
         nat.policy(WIDE, EGRESS_WIDE, &["10.244.0.0/16"])?;
         nat.policy(NARROW, EGRESS_NARROW, &["10.244.1.0/24"])?;
@@ -164,7 +164,7 @@ impl Nat {
         let (egress_addr, family) = addr_bytes(ip(egress));
         self.pols.set(
             id,
-            EgressPolicy {
+            EgressPolicyEntry {
                 egress_addr,
                 family,
                 pad: [0; 3],
