@@ -86,6 +86,21 @@ mod tests {
         assert_ne!(object_hash(LB), object_hash(DECAP));
     }
 
+    /// The loader finds programs by these names: a program renamed in C must be renamed here.
+    #[test]
+    fn program_names_are_programs_of_their_objects() {
+        for (object, names) in [
+            (LB, &[LB_PROGRAM][..]),
+            (EGRESS, &[SNAT_PROGRAM, RNAT_PROGRAM]),
+            (DECAP, &[DECAP_PROGRAM]),
+        ] {
+            let obj = aya_obj::Object::parse(object).unwrap();
+            for name in names {
+                assert!(obj.programs.contains_key(*name), "{name}");
+            }
+        }
+    }
+
     /// A map renamed, added or dropped in C must be renamed, added or dropped in
     /// `map_names` too: the daemon opens and sizes maps by those names.
     #[test]
