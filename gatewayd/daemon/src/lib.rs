@@ -1,14 +1,22 @@
 //! gatewayd as a library: the daemon binary, the benchmarks and the tests share these modules.
+//! docs/architecture.md draws them and says which one owns each feature.
 //!
+//! Sources and their model:
 //! - [`config`]: the TOML file, validated into [`config::Settings`] and the [`model`].
-//! - [`model`]: the desired state every source feeds (TOML, Kubernetes).
-//! - [`k8s`]: the Kubernetes sync: reflectors per cluster, objects converted to the model.
-//! - [`lb`]: Maglev and the reconcile planner (pure).
-//! - [`egress`]: egress policies compiled into the datapath's lookup tries (pure).
+//! - [`k8s`]: the Kubernetes sync: reflectors per cluster, objects converted to the model, each
+//!   cluster's last state kept and saved ([`k8s::clusters`]).
+//! - [`model`]: the desired state every source feeds, and their merge ([`model::merge`]).
+//!
+//! Components, each programming its part under one contract ([`reconcile`]):
+//! - [`lb`]: the load balancer (Maglev, the pure planner, its maps, [`lb::balancer`]).
+//! - [`egress`]: the egress gateway (the pure compiler, its maps, [`egress::gateway`]).
 //! - [`encryption`]: WireGuard and IPsec between gateways and nodes.
-//! - [`datapath`]: the eBPF objects, their pins, and the maps the planner's operations write.
-//! - [`daemon`], [`control`], [`events`], [`metrics`], [`logging`]: the long-running process.
-//! - [`state_file`]: what the daemon keeps under `daemon.state_dir` across restarts.
+//! - [`host`]: the host's own networking: neighbour entries, egress addresses.
+//! - [`datapath`]: generic BPF plumbing: objects, pins, attachments, raw syscalls.
+//!
+//! The long-running process: [`daemon`] (composition and order of operations), [`control`]
+//! (`gatewayctl`), [`events`] (flow events), [`metrics`], [`logging`], and [`state_file`]
+//! (what the daemon keeps under `daemon.state_dir` across restarts).
 
 pub mod config;
 pub mod control;
