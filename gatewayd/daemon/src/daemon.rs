@@ -1,5 +1,7 @@
-//! The long-running daemon: applies the configuration, then serves reloads (SIGHUP), the
-//! control socket and the systemd watchdog from one loop.
+//! The long-running daemon, as composition and order of operations: it builds the components
+//! ([`crate::reconcile`]), the sources (the file, the clusters) and the views (control socket,
+//! metrics), programs the configuration, then serves reloads (SIGHUP), cluster updates,
+//! periodic work, the control socket and the systemd watchdog from one loop.
 
 use crate::config::{self, Config, Settings, SystemHost};
 use crate::control::{self, Lifecycle, Views};

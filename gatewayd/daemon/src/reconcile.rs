@@ -9,7 +9,9 @@
 //! - [`Reconcile::apply`] executes a plan: the only code that writes.
 //!
 //! [`Components::program`] plans every component before it applies any, then applies them in
-//! one fixed order, so a change that any component rejects leaves every component as it was.
+//! one fixed order, so a change that any component's plan rejects leaves every component as it
+//! was. (A write the kernel refuses midway stops the applies after it; the load balancer and
+//! the egress gateway then re-read what their maps really hold.)
 //! How a component orders its own writes (the load balancer's phases, IPsec states before their
 //! policies) stays inside its apply.
 //!
@@ -44,8 +46,8 @@ pub trait Reconcile {
     async fn apply(&mut self, plan: Self::Plan) -> Result<()>;
 }
 
-/// Every component the daemon runs, and the desired state they were last given. The type
-/// parameters are there for the tests, which run fakes; the daemon uses the defaults.
+/// Every component the daemon runs, and the desired state of the last change they all applied.
+/// The type parameters are there for the tests, which run fakes; the daemon uses the defaults.
 pub struct Components<
     Lb = LoadBalancer,
     Egress = EgressGateway,

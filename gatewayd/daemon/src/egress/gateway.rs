@@ -20,6 +20,8 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use tracing::{info, warn};
 
+/// The egress gateway component: its maps, what is programmed in them, and the policies whose
+/// NAT entries must go.
 pub struct EgressGateway {
     maps: EgressMaps,
     programmed: Compiled,

@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+/// The clusters component: their last states, merge conflicts already logged, saves in
+/// flight, and sync statuses.
 #[derive(Default)]
 pub struct Clusters {
     /// The last state of each cluster, by cluster id.

@@ -19,6 +19,7 @@ use ipnet::IpNet;
 use std::collections::BTreeMap;
 use tracing::info;
 
+/// The load balancer component: its maps, and what is programmed in them.
 pub struct LoadBalancer {
     maps: LbMaps,
     programmed: Programmed,
