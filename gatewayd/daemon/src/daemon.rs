@@ -217,6 +217,9 @@ impl Daemon {
     /// Reads the file and programs it.
     async fn load_and_apply(&mut self) -> Result<Config> {
         let new = config::load_file(&self.lifecycle.config_path, &SystemHost)?;
+        for w in &new.warnings {
+            warn!("{}: {w}", self.lifecycle.config_path.display());
+        }
         self.warn_restart_only_changes(&new);
         self.program(&new).await?;
         Ok(new)

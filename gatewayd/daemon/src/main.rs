@@ -74,7 +74,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
     };
     match command {
         Command::CheckConfig { file } => Ok(match config::load_file(&file, &SystemHost) {
-            Ok(_) => {
+            Ok(config) => {
+                for w in &config.warnings {
+                    eprintln!("{}: warning: {w}", file.display());
+                }
                 println!("{}: OK", file.display());
                 ExitCode::SUCCESS
             }
@@ -87,6 +90,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Run => {
             let config = config::load_file(&cli.config, &SystemHost)?;
             gatewayd::logging::init(&config.settings.log_level, config.settings.log_format);
+            for w in &config.warnings {
+                tracing::warn!("{}: {w}", cli.config.display());
+            }
             gatewayd::daemon::run(cli.config, config)?;
             Ok(ExitCode::SUCCESS)
         }

@@ -30,6 +30,9 @@ pub const DEFAULT_ROTATION_OVERLAP: u32 = 60;
 pub struct Config {
     pub settings: Settings,
     pub desired: DesiredState,
+    /// Values that are legal but almost surely wrong (a link-local VIP): applied all the same,
+    /// and shown by `check-config` and in the log, located like errors.
+    pub warnings: Vec<ConfigError>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -237,7 +240,7 @@ pub enum ClusterAccess {
     },
 }
 
-/// One problem in the file, located as precisely as the file allows.
+/// One problem in the file (an error, or a warning), located as precisely as the file allows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     /// Dotted path of the offending key, e.g. `services[1].vip`.
@@ -314,70 +317,198 @@ pub fn parse(text: &str, host: &dyn Host) -> Result<Config, Vec<ConfigError>> {
             }])
         }
     };
+    let locate = |mut e: ConfigError| {
+        e.line = span_of_path(&doc, &e.path).map(|s| line_of(text, s.start));
+        e
+    };
     let mut errors = Vec::new();
-    let raw = deserialize_reporting_unknown_keys(text, &mut errors);
+    let raw = deserialize_reporting_unknown_keys(text, &doc, &mut errors);
     if let Some(raw) = raw {
-        let result = validate::validate(raw, host);
-        match result {
-            Ok(config) if errors.is_empty() => return Ok(config),
-            Ok(_) => {}
-            Err(mut semantic) => {
-                for e in &mut semantic {
-                    e.line = span_of_path(&doc, &e.path).map(|s| line_of(text, s.start));
-                }
-                errors.extend(semantic);
+        match validate::validate(raw, host) {
+            Ok(mut config) if errors.is_empty() => {
+                config.warnings = config.warnings.into_iter().map(locate).collect();
+                config.warnings.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+                return Ok(config);
             }
+            Ok(_) => {}
+            Err(semantic) => errors.extend(semantic.into_iter().map(locate)),
         }
     }
     errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
     Err(errors)
 }
 
-/// Runs serde over the text; each unknown key is reported and commented out, then the parse is
-/// retried. Returns `None` when another kind of serde error (a wrong type) stops it.
-fn deserialize_reporting_unknown_keys(text: &str, errors: &mut Vec<ConfigError>) -> Option<raw::RawConfig> {
-    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
-    // Each round removes one key, so the loop ends; the bound guards against a parser surprise.
-    for _ in 0..=lines.len() {
-        let current = lines.join("\n");
-        let err = match toml::from_str::<raw::RawConfig>(&current) {
-            Ok(raw) => return Some(raw),
-            Err(err) => err,
+/// One pass of serde over the text: every unknown key is reported (with the keys its table
+/// does know), and the rest deserializes as if it were not there. Returns `None` when another
+/// kind of serde error (a wrong type, a missing key) stops it. (Reparsing once per unknown key
+/// made a file with thousands of them take minutes.)
+fn deserialize_reporting_unknown_keys(
+    text: &str,
+    doc: &toml_edit::Document<&str>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<raw::RawConfig> {
+    let mut unknown = Vec::new();
+    let result = toml::Deserializer::parse(text).and_then(|de| {
+        serde_ignored::deserialize(de, |path| unknown.push(KeyPath::of(&path)))
+    });
+    for key_path in unknown {
+        let Some((Segment::Key(key), table)) = key_path.0.split_last() else {
+            continue;
         };
-        let line = err.span().map(|s| line_of(&current, s.start));
-        let message = err.message().to_owned();
-        let unknown = message.starts_with("unknown field");
+        let expected = known_keys(table);
+        let within = if table.is_empty() {
+            String::new()
+        } else {
+            format!(" in {}", KeyPath(table.to_vec()))
+        };
+        let message = <serde::de::value::Error as serde::de::Error>::unknown_field(key, expected)
+            .to_string()
+            .replacen(", expected", &format!("{within}; expected"), 1);
         errors.push(ConfigError {
             path: String::new(),
-            line,
+            line: span_of_path(doc, &key_path.to_string()).map(|s| line_of(text, s.start)),
             value: None,
-            message: if unknown {
-                message.replace(", expected", "; expected")
-            } else {
-                message
-            },
+            message,
         });
-        match (unknown, line) {
-            (true, Some(line)) => comment_out_key(&mut lines, line - 1),
-            _ => return None,
+    }
+    match result {
+        Ok(raw) => Some(raw),
+        Err(err) => {
+            let offset = err.span().map(|s| s.start);
+            errors.push(ConfigError {
+                path: offset.map(|o| path_at(doc, o)).unwrap_or_default(),
+                line: offset.map(|o| line_of(text, o)),
+                value: None,
+                message: err.message().to_owned(),
+            });
+            None
         }
     }
-    None
 }
 
-/// Comments out the key at `index`: a `[table]` header takes its whole table with it.
-fn comment_out_key(lines: &mut [String], index: usize) {
-    let is_header = |l: &str| l.trim_start().starts_with('[');
-    let header = is_header(&lines[index]);
-    lines[index].insert(0, '#');
-    if header {
-        for line in lines[index + 1..].iter_mut() {
-            if is_header(line) {
-                break;
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Key(String),
+    Index(usize),
+}
+
+/// A key's place in the file, shown as `services[1].backends[0].address`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct KeyPath(Vec<Segment>);
+
+impl KeyPath {
+    fn of(path: &serde_ignored::Path) -> KeyPath {
+        use serde_ignored::Path;
+        let mut segments = Vec::new();
+        let mut at = path;
+        loop {
+            at = match at {
+                Path::Root => break,
+                Path::Map { parent, key } => {
+                    segments.push(Segment::Key(key.clone()));
+                    parent
+                }
+                Path::Seq { parent, index } => {
+                    segments.push(Segment::Index(*index));
+                    parent
+                }
+                Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => parent,
+            };
+        }
+        segments.reverse();
+        KeyPath(segments)
+    }
+}
+
+impl fmt::Display for KeyPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, segment) in self.0.iter().enumerate() {
+            match segment {
+                Segment::Key(key) if i == 0 => f.write_str(key)?,
+                Segment::Key(key) => write!(f, ".{key}")?,
+                Segment::Index(index) => write!(f, "[{index}]")?,
             }
-            line.insert(0, '#');
+        }
+        Ok(())
+    }
+}
+
+/// The keys the table at `table` knows, as serde's derive lists them: a deserializer that walks
+/// down `table` and, at its end, catches the field list the derived code hands over.
+fn known_keys(table: &[Segment]) -> &'static [&'static str] {
+    use serde::de::value::{Error, StrDeserializer};
+    use serde::de::{self, DeserializeSeed, Error as _, IntoDeserializer, MapAccess, SeqAccess, Visitor};
+    use serde::Deserialize;
+
+    struct Probe<'a> {
+        rest: &'a [Segment],
+        found: &'a std::cell::Cell<&'static [&'static str]>,
+    }
+    impl<'de> de::Deserializer<'de> for Probe<'_> {
+        type Error = Error;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Error> {
+            Err(Error::custom("not a table"))
+        }
+        fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+            visitor.visit_some(self)
+        }
+        fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+            match self.rest.split_first() {
+                Some((Segment::Index(_), rest)) => visitor.visit_seq(One(Some(Probe { rest, ..self }))),
+                _ => Err(Error::custom("not an array")),
+            }
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            visitor: V,
+        ) -> Result<V::Value, Error> {
+            match self.rest.split_first() {
+                None => {
+                    self.found.set(fields);
+                    Err(Error::custom("found"))
+                }
+                Some((Segment::Key(key), rest)) => visitor.visit_map(Entry {
+                    key: Some(key),
+                    value: Some(Probe { rest, ..self }),
+                }),
+                Some(_) => Err(Error::custom("not an array")),
+            }
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            unit unit_struct newtype_struct tuple tuple_struct map enum identifier ignored_any
         }
     }
+    struct One<'a>(Option<Probe<'a>>);
+    impl<'de> SeqAccess<'de> for One<'_> {
+        type Error = Error;
+        fn next_element_seed<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<Option<T::Value>, Error> {
+            self.0.take().map(|probe| seed.deserialize(probe)).transpose()
+        }
+    }
+    struct Entry<'a> {
+        key: Option<&'a str>,
+        value: Option<Probe<'a>>,
+    }
+    impl<'de> MapAccess<'de> for Entry<'_> {
+        type Error = Error;
+        fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, Error> {
+            let key = self.key.take().map(|k| -> StrDeserializer<Error> { k.into_deserializer() });
+            key.map(|k| seed.deserialize(k)).transpose()
+        }
+        fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, Error> {
+            seed.deserialize(self.value.take().ok_or_else(|| Error::custom("no value"))?)
+        }
+    }
+
+    let found = std::cell::Cell::new(&[][..]);
+    let _ = raw::RawConfig::deserialize(Probe {
+        rest: table,
+        found: &found,
+    });
+    found.get()
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -423,6 +554,59 @@ fn span_of_path(doc: &toml_edit::Document<&str>, path: &str) -> Option<std::ops:
         }
     }
     span
+}
+
+/// The path of the deepest key whose value holds `offset`, e.g. `lb.maglev_seed`: serde reports
+/// a wrong type or a missing key by position only.
+fn path_at(doc: &toml_edit::Document<&str>, offset: usize) -> String {
+    KeyPath(segments_at(doc.as_table(), offset).unwrap_or_default()).to_string()
+}
+
+fn segments_at(table: &dyn toml_edit::TableLike, offset: usize) -> Option<Vec<Segment>> {
+    use toml_edit::{Item, Value};
+    let holds = |span: Option<std::ops::Range<usize>>| span.is_some_and(|s| s.contains(&offset));
+    let within = |key: &str, index: Option<usize>, rest: Option<Vec<Segment>>| {
+        let mut path = vec![Segment::Key(key.to_owned())];
+        path.extend(index.map(Segment::Index));
+        path.extend(rest.unwrap_or_default());
+        path
+    };
+    for (key, item) in table.iter() {
+        match item {
+            Item::Table(t) => {
+                let inner = segments_at(t, offset);
+                if inner.is_some() || holds(t.span()) {
+                    return Some(within(key, None, inner));
+                }
+            }
+            Item::ArrayOfTables(a) => {
+                for (i, t) in a.iter().enumerate() {
+                    let inner = segments_at(t, offset);
+                    if inner.is_some() || holds(t.span()) {
+                        return Some(within(key, Some(i), inner));
+                    }
+                }
+            }
+            Item::Value(v) if holds(v.span()) => {
+                return Some(match v {
+                    Value::InlineTable(t) => within(key, None, segments_at(t, offset)),
+                    Value::Array(a) => match a.iter().position(|e| holds(e.span())) {
+                        Some(i) => within(
+                            key,
+                            Some(i),
+                            a.get(i)
+                                .and_then(|e| e.as_inline_table())
+                                .and_then(|t| segments_at(t, offset)),
+                        ),
+                        None => within(key, None, None),
+                    },
+                    _ => within(key, None, None),
+                });
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -830,6 +1014,134 @@ kubeconfig = "/etc/gatewayd/prod.kubeconfig"
             assert_eq!(errs[0].line, Some(line), "{shown:#?}");
             assert!(shown[0].contains(wanted), "{shown:#?}");
         }
+    }
+
+    #[test]
+    fn every_unknown_key_is_reported_with_its_table_and_the_keys_it_knows() {
+        let text = "colour = 1\n[daemon]\nsize = 2\n\n[[services]]\nname = \"a\"\nvip = \"10.0.0.1\"\n\
+                    port = 80\ntypo = 3\nbackends = [{ address = \"10.1.0.1\", wieght = 3 }]\n\n\
+                    [encryption.wireguard]\nkey = \"k\"\n";
+        let shown: Vec<String> = errors(text).iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            shown,
+            [
+                "line 1: unknown field `colour`; expected one of `daemon`, `logging`, `metrics`, \
+                 `interfaces`, `lb`, `services`, `egress`, `egress_policies`, `peers`, `clusters`, `encryption`",
+                "line 3: unknown field `size` in daemon; expected one of `bpffs`, `control_socket`, `state_dir`",
+                "line 9: unknown field `typo` in services[0]; expected one of `name`, `vip`, `port`, \
+                 `protocol`, `source_ranges`, `session_affinity_timeout`, `encapsulation`, `gue_port`, `backends`",
+                "line 10: unknown field `wieght` in services[0].backends[0]; expected one of `address`, \
+                 `weight`, `state`",
+                "line 13: unknown field `key` in encryption.wireguard; expected one of `interface`, \
+                 `listen_port`, `implementation`, `private_key_file`, `address`",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_wrong_type_or_a_missing_key_names_its_path() {
+        let errs = errors("[[services]]\nname = \"a\"\nport = 80\n");
+        assert_eq!((errs[0].path.as_str(), errs[0].line), ("services[0]", Some(1)), "{errs:?}");
+        assert!(errs[0].message.contains("missing field `vip`"));
+        let errs = errors("[[services]]\nname = \"a\"\nvip = \"10.0.0.1\"\nport = 80\nbackends = [{ address = \"10.1.0.1\", weight = \"x\" }]\n");
+        assert_eq!(errs[0].path, "services[0].backends[0].weight", "{errs:?}");
+    }
+
+    /// Values that parse but can never work (issue #15): each rejected with its field, value
+    /// and why.
+    #[test]
+    fn addresses_and_sizes_that_can_never_work_are_rejected() {
+        let service = |vip: &str, backend: &str| {
+            format!("[[services]]\nname = \"s\"\nvip = \"{vip}\"\nport = 80\nbackends = [{{ address = \"{backend}\" }}]\n")
+        };
+        let policy = |sources: &str, egress_ip: &str| {
+            format!(
+                "[[egress_policies]]\nname = \"p\"\nsource_cidrs = [\"{sources}\"]\n\
+                 destination_cidrs = [\"203.0.113.0/24\"]\negress_ip = \"{egress_ip}\"\negress_interface = \"eth0\"\n"
+            )
+        };
+        let ipsec = |local: &str, endpoint: &str| {
+            format!(
+                "[encryption]\nmode = \"ipsec\"\n[encryption.ipsec]\nkey_file = \"/etc/gatewayd/k\"\n\
+                 local_address = \"{local}\"\n\n[[peers]]\nname = \"n\"\nendpoint = \"{endpoint}\"\n"
+            )
+        };
+        let wireguard_peer = |endpoint: &str| {
+            format!(
+                "[encryption]\nmode = \"wireguard\"\n\n[[peers]]\nname = \"n\"\n\
+                 public_key = \"xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\"\nendpoint = \"{endpoint}\"\n"
+            )
+        };
+        let mut cases: Vec<(String, &str, &str)> = vec![
+            ("[lb]\nencap_source_v4 = \"0.0.0.0\"\n".into(), "lb.encap_source_v4", "unspecified"),
+            ("[lb]\nencap_source_v4 = \"224.0.0.1\"\n".into(), "lb.encap_source_v4", "multicast"),
+            ("[lb]\nencap_source_v4 = \"10.0.0.0/0\"\n".into(), "lb.encap_source_v4", "host bits"),
+            ("[lb]\nencap_source_v6 = \"ff02::/64\"\n".into(), "lb.encap_source_v6", "multicast"),
+            ("[lb]\nflow_table_size = 4294967295\n".into(), "lb.flow_table_size", "1024-67108864"),
+            ("[egress]\nnat_table_size = 4294967295\n".into(), "egress.nat_table_size", "1024-67108864"),
+            ("[daemon]\nbpffs = \"/\"\n".into(), "daemon.bpffs", "root of a file system"),
+            ("[daemon]\nbpffs = \"/sys/fs/bpf\"\n".into(), "daemon.bpffs", "root of a file system"),
+            ("[daemon]\nbpffs = \"/sys/fs/bpf/\"\n".into(), "daemon.bpffs", "root of a file system"),
+            ("[daemon]\nbpffs = \"/srv/pins\"\n".into(), "daemon.bpffs", "inside a bpf file system"),
+            ("[daemon]\nbpffs = \"/sys/fs/bpf/../..\"\n".into(), "daemon.bpffs", "'..'"),
+            ("[[interfaces]]\nname = \"eth0\"\nxdp_mode = \"offload\"\n".into(), "interfaces[0].xdp_mode", "offload mode is not supported"),
+            (service("10.0.0.1", "10.0.0.1"), "services[0].backends[0].address", "own VIP"),
+            (service("10.0.0.1", "255.255.255.255"), "services[0].backends[0].address", "broadcast"),
+            (service("10.0.0.1", "127.0.0.1"), "services[0].backends[0].address", "loopback"),
+            (policy("10.244.0.0/16", "0.0.0.0"), "egress_policies[0].egress_ip", "unspecified"),
+            (policy("10.244.0.0/16", "224.0.0.1"), "egress_policies[0].egress_ip", "multicast"),
+            (policy("10.244.0.0/16", "255.255.255.255"), "egress_policies[0].egress_ip", "broadcast"),
+            (policy("fd00:244::/64", "192.0.2.1"), "egress_policies[0].source_cidrs[0]", "never matches"),
+            (ipsec("0.0.0.0", "192.0.2.2:0"), "encryption.ipsec.local_address", "unspecified"),
+            (ipsec("192.0.2.1", "0.0.0.0:0"), "peers[0].endpoint", "unspecified"),
+            (ipsec("192.0.2.1", "[ff02::1]:0"), "peers[0].endpoint", "multicast"),
+            (wireguard_peer("192.0.2.2:0"), "peers[0].endpoint", "needs a port"),
+            ("[[clusters]]\nid = 1\nname = \"c\"\nkubeconfig = \"/k\"\naddress_pools = [\"224.1.0.0/24\"]\n".into(), "clusters[0].address_pools[0]", "multicast"),
+        ];
+        for vip in ["0.0.0.0", "::", "224.0.0.1", "ff02::1", "255.255.255.255", "127.0.0.1", "::1", "240.0.0.1"] {
+            cases.push((service(vip, "10.1.0.1"), "services[0].vip", "a VIP cannot be"));
+        }
+        for (text, path, wanted) in &cases {
+            let errs = errors(text);
+            let shown: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+            assert_eq!(errs.len(), 1, "{text}\n{shown:#?}");
+            assert_eq!(errs[0].path, *path, "{shown:#?}");
+            assert!(errs[0].value.is_some() && errs[0].line.is_some(), "{shown:#?}");
+            assert!(shown[0].contains(wanted), "{shown:#?} lacks {wanted:?}");
+        }
+    }
+
+    #[test]
+    fn link_local_addresses_are_legal_with_a_warning() {
+        let config = parse(
+            "[[services]]\nname = \"s\"\nvip = \"169.254.1.1\"\nport = 80\nbackends = [{ address = \"fe80::1\" }]\n",
+            &HOST,
+        )
+        .unwrap();
+        let shown: Vec<String> = config.warnings.iter().map(|w| w.to_string()).collect();
+        assert_eq!(shown.len(), 2, "{shown:#?}");
+        assert!(shown[0].starts_with("line 3: services[0].vip: a VIP with a link-local address"), "{shown:#?}");
+        assert!(shown[1].starts_with("line 5: services[0].backends[0].address"), "{shown:#?}");
+    }
+
+    #[test]
+    fn bpffs_may_be_below_any_bpf_mount_and_offload_needs_a_capable_nic() {
+        struct Nfp;
+        impl Host for Nfp {
+            fn interface_exists(&self, _: &str) -> bool {
+                true
+            }
+            fn can_offload_xdp(&self, name: &str) -> bool {
+                name == "nfp0"
+            }
+            fn bpf_mount_points(&self) -> Vec<PathBuf> {
+                vec!["/run/bpf".into()]
+            }
+        }
+        let text = "[daemon]\nbpffs = \"/run/bpf/gatewayd\"\n\n[[interfaces]]\nname = \"nfp0\"\nxdp_mode = \"offload\"\n";
+        assert!(parse(text, &Nfp).is_ok());
+        let errs = parse("[daemon]\nbpffs = \"/run/bpf\"\n", &Nfp).unwrap_err();
+        assert!(errs[0].message.contains("root of a file system"), "{errs:?}");
     }
 
     #[test]

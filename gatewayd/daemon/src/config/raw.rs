@@ -1,10 +1,11 @@
 //! The TOML file as serde sees it. Addresses, CIDRs and enums stay strings here so that one bad
 //! value does not hide the others: `validate` turns this into the model and reports every error.
+//! Unknown keys are not denied here (serde would stop at the first): the parse collects them all
+//! in one pass (see `super::deserialize_reporting_unknown_keys`).
 
 use serde::Deserialize;
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawConfig {
     #[serde(default)]
     pub daemon: RawDaemon,
@@ -31,7 +32,6 @@ pub struct RawConfig {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawDaemon {
     pub bpffs: Option<String>,
     pub control_socket: Option<String>,
@@ -39,27 +39,23 @@ pub struct RawDaemon {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawLogging {
     pub level: Option<String>,
     pub format: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawMetrics {
     pub listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawInterface {
     pub name: String,
     pub xdp_mode: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawLb {
     pub maglev_table_size: Option<u32>,
     pub maglev_seed: Option<u64>,
@@ -71,7 +67,6 @@ pub struct RawLb {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawService {
     pub name: String,
     pub vip: String,
@@ -87,7 +82,6 @@ pub struct RawService {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawBackend {
     pub address: String,
     pub weight: Option<u32>,
@@ -95,7 +89,6 @@ pub struct RawBackend {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawEgress {
     pub interface: Option<String>,
     pub port_min: Option<u16>,
@@ -109,7 +102,6 @@ pub struct RawEgress {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawEgressPolicy {
     pub name: String,
     #[serde(default)]
@@ -123,7 +115,6 @@ pub struct RawEgressPolicy {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawPeer {
     pub name: String,
     pub public_key: Option<String>,
@@ -133,7 +124,6 @@ pub struct RawPeer {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawCluster {
     pub id: u32,
     pub name: String,
@@ -150,7 +140,6 @@ pub struct RawCluster {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawEncryption {
     pub mode: Option<String>,
     #[serde(default)]
@@ -160,7 +149,6 @@ pub struct RawEncryption {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawWireGuard {
     pub interface: Option<String>,
     pub listen_port: Option<u16>,
@@ -170,7 +158,6 @@ pub struct RawWireGuard {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawIpsec {
     pub key_file: Option<String>,
     pub key_secret: Option<String>,

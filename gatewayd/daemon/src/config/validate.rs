@@ -4,6 +4,7 @@ use super::raw::*;
 use super::*;
 use crate::lb::maglev;
 use crate::model::*;
+use crate::model::checks;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::str::FromStr;
@@ -12,14 +13,49 @@ use std::sync::Arc;
 /// What validation needs to know about the machine it runs on.
 pub trait Host {
     fn interface_exists(&self, name: &str) -> bool;
+
+    /// Whether the interface's driver can run XDP programs on the NIC (`xdp_mode = "offload"`).
+    fn can_offload_xdp(&self, _interface: &str) -> bool {
+        false
+    }
+
+    /// Where bpf file systems are mounted (besides /sys/fs/bpf, where gatewayd mounts one).
+    fn bpf_mount_points(&self) -> Vec<PathBuf> {
+        Vec::new()
+    }
 }
 
 /// The real machine (the current network namespace).
 pub struct SystemHost;
 
+/// Drivers that take XDP programs onto the NIC (XDP_SETUP_PROG_HW): Netronome's, and the
+/// kernel's test device.
+const XDP_OFFLOAD_DRIVERS: [&str; 2] = ["nfp", "netdevsim"];
+
 impl Host for SystemHost {
     fn interface_exists(&self, name: &str) -> bool {
         nix::net::if_::if_nametoindex(name).is_ok()
+    }
+
+    fn can_offload_xdp(&self, interface: &str) -> bool {
+        std::fs::read_link(format!("/sys/class/net/{interface}/device/driver"))
+            .ok()
+            .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .is_some_and(|driver| XDP_OFFLOAD_DRIVERS.contains(&driver.as_str()))
+    }
+
+    fn bpf_mount_points(&self) -> Vec<PathBuf> {
+        // Field 5 is the mount point (octal-escaped), the field after " - " the type.
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        info.lines()
+            .filter_map(|l| {
+                let (mount, fs) = l.split_once(" - ")?;
+                (fs.split(' ').next() == Some("bpf")).then(|| {
+                    let point = mount.split(' ').nth(4)?;
+                    Some(PathBuf::from(point.replace("\\040", " ")))
+                })?
+            })
+            .collect()
     }
 }
 
@@ -31,11 +67,21 @@ impl Host for AnyHost {
     fn interface_exists(&self, _: &str) -> bool {
         true
     }
+
+    fn can_offload_xdp(&self, _: &str) -> bool {
+        true
+    }
+
+    fn bpf_mount_points(&self) -> Vec<PathBuf> {
+        SystemHost.bpf_mount_points()
+    }
 }
 
 /// Collects errors while converting, so one bad value never hides the next.
+#[derive(Default)]
 struct Checker {
     errors: Vec<ConfigError>,
+    warnings: Vec<ConfigError>,
 }
 
 impl Checker {
@@ -46,6 +92,47 @@ impl Checker {
             value,
             message: message.into(),
         });
+    }
+
+    /// A finding of the model's checks (shared with the Kubernetes sync), at `path`.
+    fn finding<F>(&mut self, path: String, f: checks::Finding<F>) {
+        let e = ConfigError {
+            path,
+            line: None,
+            value: Some(format!("{:?}", f.value)),
+            message: f.message,
+        };
+        match f.severity {
+            checks::Severity::Error => self.errors.push(e),
+            checks::Severity::Warning => self.warnings.push(e),
+        }
+    }
+
+    /// The model's address checks for a value the file gives on its own (not inside an object);
+    /// false if it is an error.
+    fn address(&mut self, path: String, role: checks::Role, ip: IpAddr) -> bool {
+        let finding = |message, severity| checks::Finding {
+            field: (),
+            value: ip.to_string(),
+            message,
+            severity,
+        };
+        if let Some(why) = checks::unusable(role, ip) {
+            self.finding(path, finding(why, checks::Severity::Error));
+            return false;
+        }
+        if let Some(why) = checks::doubtful(role, ip) {
+            self.finding(path, finding(why, checks::Severity::Warning));
+        }
+        true
+    }
+
+    /// A map size: at least `min`, and at most `max` (the kernel allocates, or fails to, at
+    /// creation: a typo must not ask for terabytes).
+    fn capacity(&mut self, path: String, value: u32, min: u32, max: u32) {
+        if value < min || value > max {
+            self.error(path, Some(value.to_string()), format!("must be {min}-{max}"));
+        }
     }
 
     fn parse<T: FromStr>(&mut self, path: String, value: &str, what: &str) -> Option<T> {
@@ -99,7 +186,7 @@ impl Checker {
 }
 
 pub(super) fn validate(raw: RawConfig, host: &dyn Host) -> Result<Config, Vec<ConfigError>> {
-    let mut c = Checker { errors: Vec::new() };
+    let mut c = Checker::default();
 
     let settings = settings(&mut c, &raw, host);
     let services = services(&mut c, &raw.services);
@@ -110,6 +197,11 @@ pub(super) fn validate(raw: RawConfig, host: &dyn Host) -> Result<Config, Vec<Co
         host,
     );
     let peers = peers(&mut c, &raw.peers, settings.encryption.mode);
+    if settings.encryption.mode == EncryptionMode::Ipsec {
+        if let Some(ip) = settings.encryption.ipsec.local_address {
+            c.address("encryption.ipsec.local_address".into(), checks::Role::Source, ip);
+        }
+    }
 
     if c.errors.is_empty() {
         Ok(Config {
@@ -120,6 +212,7 @@ pub(super) fn validate(raw: RawConfig, host: &dyn Host) -> Result<Config, Vec<Co
                 peers,
                 ..DesiredState::default()
             },
+            warnings: c.warnings,
         })
     } else {
         Err(c.errors)
@@ -177,6 +270,17 @@ fn settings(c: &mut Checker, raw: &RawConfig, host: &dyn Host) -> Settings {
                 ("offload", XdpMode::Offload),
             ],
         );
+        if xdp_mode == XdpMode::Offload && host.interface_exists(&iface.name) && !host.can_offload_xdp(&iface.name) {
+            c.error(
+                format!("interfaces[{i}].xdp_mode"),
+                Some("\"offload\"".into()),
+                format!(
+                    "XDP offload mode is not supported by {}'s driver (it needs a NIC that runs BPF programs: {}); use \"native\" or \"generic\"",
+                    iface.name,
+                    XDP_OFFLOAD_DRIVERS.join(", ")
+                ),
+            );
+        }
         interfaces.push(Interface {
             name: iface.name.clone(),
             xdp_mode,
@@ -217,10 +321,47 @@ fn settings(c: &mut Checker, raw: &RawConfig, host: &dyn Host) -> Settings {
                 Some(format!("{:?}", p.display().to_string())),
                 "must be an absolute path",
             );
+        } else if p.components().any(|c| c == std::path::Component::ParentDir) {
+            c.error(
+                key.into(),
+                Some(format!("{:?}", p.display().to_string())),
+                "must not contain '..'",
+            );
         }
+    }
+    if settings.bpffs.is_absolute() {
+        bpffs(c, &settings.bpffs, host);
     }
     settings
 }
+
+/// gatewayd owns its bpffs directory: teardown removes it whole. So it must be a directory of
+/// its own inside a bpf file system, never the file system's root (every other program's pins
+/// would go) nor a directory elsewhere (gatewayd would mount a bpffs on it, making it a root).
+fn bpffs(c: &mut Checker, dir: &Path, host: &dyn Host) {
+    let mut roots = host.bpf_mount_points();
+    roots.push(PathBuf::from("/sys/fs/bpf"));
+    let value = Some(format!("{:?}", dir.display().to_string()));
+    let dir = dir.components().collect::<PathBuf>();
+    if dir == Path::new("/") || roots.contains(&dir) {
+        c.error(
+            "daemon.bpffs".into(),
+            value,
+            "is the root of a file system: teardown removes this directory with everything in it, \
+             other programs' pins too; use a directory of gatewayd's own below it, e.g. /sys/fs/bpf/gatewayd",
+        );
+    } else if !roots.iter().any(|root| dir.starts_with(root)) {
+        c.error(
+            "daemon.bpffs".into(),
+            value,
+            "must be a directory inside a bpf file system: below /sys/fs/bpf (or another bpffs mount)",
+        );
+    }
+}
+
+/// Flows are 48 bytes of key and value plus the kernel's per-entry overhead: 64 Mi entries are
+/// several GB of kernel memory already.
+const MAX_FLOW_TABLE_SIZE: u32 = 1 << 26;
 
 fn lb_settings(c: &mut Checker, raw: &RawLb) -> LbSettings {
     let maglev_table_size = raw.maglev_table_size.unwrap_or(maglev::DEFAULT_TABLE_SIZE);
@@ -231,15 +372,9 @@ fn lb_settings(c: &mut Checker, raw: &RawLb) -> LbSettings {
             why,
         );
     }
-    let mut capacity = |key: &str, value: Option<u32>, default: u32, min: u32| {
+    let mut capacity = |key: &str, value: Option<u32>, default: u32, min: u32, max: u32| {
         let v = value.unwrap_or(default);
-        if v < min {
-            c.error(
-                format!("lb.{key}"),
-                Some(v.to_string()),
-                format!("must be at least {min}"),
-            );
-        }
+        c.capacity(format!("lb.{key}"), v, min, max);
         v
     };
     let flow_table_size = capacity(
@@ -247,18 +382,22 @@ fn lb_settings(c: &mut Checker, raw: &RawLb) -> LbSettings {
         raw.flow_table_size,
         gatewayd_common::maps::MAX_LB_FLOWS,
         1024,
+        MAX_FLOW_TABLE_SIZE,
     );
+    // Each service has a Maglev table of its own (64 KB at the default size).
     let max_services = capacity(
         "max_services",
         raw.max_services,
         gatewayd_common::maps::MAX_SERVICES,
         16,
+        1 << 20,
     );
     let max_backends = capacity(
         "max_backends",
         raw.max_backends,
         gatewayd_common::maps::MAX_BACKENDS,
         16,
+        1 << 24,
     );
 
     let mut source = |key: &str, value: &Option<String>, v6: bool| {
@@ -278,7 +417,12 @@ fn lb_settings(c: &mut Checker, raw: &RawLb) -> LbSettings {
             );
             return None;
         }
-        Some(net)
+        // The flow hash picks any address of a prefix: its first and last must be usable too.
+        let mut ends = vec![net.network(), net.broadcast()];
+        ends.dedup();
+        ends.into_iter()
+            .all(|ip| c.address(path.clone(), checks::Role::Source, ip))
+            .then_some(net)
     };
     let encap_source_v4 = source("encap_source_v4", &raw.encap_source_v4, false);
     let encap_source_v6 = source("encap_source_v6", &raw.encap_source_v6, true);
@@ -357,6 +501,8 @@ fn services(c: &mut Checker, raw: &[RawService]) -> BTreeMap<ServiceKey, Arc<Ser
         }
 
         let mut backends = Vec::new();
+        // The index in the file of each backend kept (a bad one is left out).
+        let mut backend_index = Vec::new();
         let mut seen = HashSet::new();
         for (j, b) in s.backends.iter().enumerate() {
             let bp = |field: &str| format!("services[{i}].backends[{j}].{field}");
@@ -394,6 +540,7 @@ fn services(c: &mut Checker, raw: &[RawService]) -> BTreeMap<ServiceKey, Arc<Ser
                 weight,
                 state,
             });
+            backend_index.push(j);
         }
 
         let Some(vip) = vip else { continue };
@@ -417,17 +564,24 @@ fn services(c: &mut Checker, raw: &[RawService]) -> BTreeMap<ServiceKey, Arc<Ser
                 "address family differs from the VIP's",
             );
         }
-        out.insert(
+        let service = Service {
+            name: s.name.clone(),
             key,
-            Arc::new(Service {
-                name: s.name.clone(),
-                key,
-                source_ranges,
-                affinity_timeout: s.session_affinity_timeout,
-                encapsulation,
-                backends,
-            }),
-        );
+            source_ranges,
+            affinity_timeout: s.session_affinity_timeout,
+            encapsulation,
+            backends,
+        };
+        for f in checks::service(&service) {
+            let path = match f.field {
+                checks::ServiceField::Vip => p("vip"),
+                checks::ServiceField::Backend(j) => {
+                    format!("services[{i}].backends[{}].address", backend_index[j])
+                }
+            };
+            c.finding(path, f);
+        }
+        out.insert(key, Arc::new(service));
     }
     out
 }
@@ -454,13 +608,7 @@ fn egress_settings(c: &mut Checker, raw: &RawEgress, host: &dyn Host) -> EgressS
     let nat_table_size = raw
         .nat_table_size
         .unwrap_or(gatewayd_common::maps::MAX_NAT_ENTRIES);
-    if nat_table_size < 1024 {
-        c.error(
-            "egress.nat_table_size".into(),
-            Some(nat_table_size.to_string()),
-            "must be at least 1024",
-        );
-    }
+    c.capacity("egress.nat_table_size".into(), nat_table_size, 1024, MAX_FLOW_TABLE_SIZE);
     let mut timeout = |key: &str, value: Option<u32>, default: u32| {
         let v = value.unwrap_or(default);
         if v == 0 {
@@ -554,14 +702,25 @@ fn egress_policies(
                     format!("address family differs from egress_ip {ip}"),
                 );
             }
-            Some(EgressPolicy {
+            let policy = EgressPolicy {
                 name: e.name.clone(),
                 source_cidrs,
                 destination_cidrs,
                 excluded_cidrs,
                 interface,
                 egress_ip,
-            })
+            };
+            // Indexes are the file's while every source CIDR parsed (a bad one is reported).
+            if policy.source_cidrs.len() == e.source_cidrs.len() {
+                for f in checks::egress_policy(&policy) {
+                    let path = match f.field {
+                        checks::EgressPolicyField::EgressIp => p("egress_ip"),
+                        checks::EgressPolicyField::SourceCidr(k) => format!("{}[{k}]", p("source_cidrs")),
+                    };
+                    c.finding(path, f);
+                }
+            }
+            Some(policy)
         })
         .collect()
 }
@@ -797,12 +956,17 @@ fn peers(c: &mut Checker, raw: &[RawPeer], mode: EncryptionMode) -> Vec<Peer> {
                     );
                 }
             }
-            Peer {
+            let peer = Peer {
                 name: r.name.clone(),
                 public_key: r.public_key.clone().unwrap_or_default(),
                 endpoint,
                 allowed_ips,
+            };
+            for f in checks::peer(&peer, mode != EncryptionMode::Ipsec) {
+                let checks::PeerField::Endpoint = f.field;
+                c.finding(p("endpoint"), f);
             }
+            peer
         })
         .collect()
 }
@@ -870,6 +1034,11 @@ fn clusters(c: &mut Checker, raw: &[RawCluster]) -> Vec<Cluster> {
                 c.error(p("wireguard_port"), Some("0".into()), "must be 1-65535");
             }
             let address_pools = c.cidrs(&p("address_pools"), &r.address_pools);
+            if address_pools.len() == r.address_pools.len() {
+                for (j, pool) in address_pools.iter().enumerate() {
+                    c.address(format!("clusters[{i}].address_pools[{j}]"), checks::Role::Vip, pool.network());
+                }
+            }
             Some(Cluster {
                 id: r.id,
                 name: r.name.clone(),

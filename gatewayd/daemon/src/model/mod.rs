@@ -1,6 +1,7 @@
 //! The desired state of the dataplane: what should be served, independent of where it came from
 //! (the TOML file, Kubernetes clusters) and of how it is programmed (BPF maps).
 
+pub mod checks;
 pub mod merge;
 
 use anyhow::{anyhow, bail, Result};
