@@ -348,9 +348,8 @@ fn deserialize_reporting_unknown_keys(
     errors: &mut Vec<ConfigError>,
 ) -> Option<raw::RawConfig> {
     let mut unknown = Vec::new();
-    let result = toml::Deserializer::parse(text).and_then(|de| {
-        serde_ignored::deserialize(de, |path| unknown.push(KeyPath::of(&path)))
-    });
+    let result = toml::Deserializer::parse(text)
+        .and_then(|de| serde_ignored::deserialize(de, |path| unknown.push(KeyPath::of(&path))));
     for key_path in unknown {
         let Some((Segment::Key(key), table)) = key_path.0.split_last() else {
             continue;
@@ -412,7 +411,9 @@ impl KeyPath {
                     segments.push(Segment::Index(*index));
                     parent
                 }
-                Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => parent,
+                Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => {
+                    parent
+                }
             };
         }
         segments.reverse();
@@ -495,7 +496,10 @@ fn known_keys(table: &[Segment]) -> &'static [&'static str] {
     impl<'de> MapAccess<'de> for Entry<'_> {
         type Error = Error;
         fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, Error> {
-            let key = self.key.take().map(|k| -> StrDeserializer<Error> { k.into_deserializer() });
+            let key = self
+                .key
+                .take()
+                .map(|k| -> StrDeserializer<Error> { k.into_deserializer() });
             key.map(|k| seed.deserialize(k)).transpose()
         }
         fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, Error> {
@@ -1041,7 +1045,11 @@ kubeconfig = "/etc/gatewayd/prod.kubeconfig"
     #[test]
     fn a_wrong_type_or_a_missing_key_names_its_path() {
         let errs = errors("[[services]]\nname = \"a\"\nport = 80\n");
-        assert_eq!((errs[0].path.as_str(), errs[0].line), ("services[0]", Some(1)), "{errs:?}");
+        assert_eq!(
+            (errs[0].path.as_str(), errs[0].line),
+            ("services[0]", Some(1)),
+            "{errs:?}"
+        );
         assert!(errs[0].message.contains("missing field `vip`"));
         let errs = errors("[[services]]\nname = \"a\"\nvip = \"10.0.0.1\"\nport = 80\nbackends = [{ address = \"10.1.0.1\", weight = \"x\" }]\n");
         assert_eq!(errs[0].path, "services[0].backends[0].weight", "{errs:?}");
@@ -1098,7 +1106,16 @@ kubeconfig = "/etc/gatewayd/prod.kubeconfig"
             (wireguard_peer("192.0.2.2:0"), "peers[0].endpoint", "needs a port"),
             ("[[clusters]]\nid = 1\nname = \"c\"\nkubeconfig = \"/k\"\naddress_pools = [\"224.1.0.0/24\"]\n".into(), "clusters[0].address_pools[0]", "multicast"),
         ];
-        for vip in ["0.0.0.0", "::", "224.0.0.1", "ff02::1", "255.255.255.255", "127.0.0.1", "::1", "240.0.0.1"] {
+        for vip in [
+            "0.0.0.0",
+            "::",
+            "224.0.0.1",
+            "ff02::1",
+            "255.255.255.255",
+            "127.0.0.1",
+            "::1",
+            "240.0.0.1",
+        ] {
             cases.push((service(vip, "10.1.0.1"), "services[0].vip", "a VIP cannot be"));
         }
         for (text, path, wanted) in &cases {
@@ -1120,8 +1137,14 @@ kubeconfig = "/etc/gatewayd/prod.kubeconfig"
         .unwrap();
         let shown: Vec<String> = config.warnings.iter().map(|w| w.to_string()).collect();
         assert_eq!(shown.len(), 2, "{shown:#?}");
-        assert!(shown[0].starts_with("line 3: services[0].vip: a VIP with a link-local address"), "{shown:#?}");
-        assert!(shown[1].starts_with("line 5: services[0].backends[0].address"), "{shown:#?}");
+        assert!(
+            shown[0].starts_with("line 3: services[0].vip: a VIP with a link-local address"),
+            "{shown:#?}"
+        );
+        assert!(
+            shown[1].starts_with("line 5: services[0].backends[0].address"),
+            "{shown:#?}"
+        );
     }
 
     #[test]

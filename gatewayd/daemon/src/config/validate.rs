@@ -3,8 +3,8 @@
 use super::raw::*;
 use super::*;
 use crate::lb::maglev;
-use crate::model::*;
 use crate::model::checks;
+use crate::model::*;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::str::FromStr;
@@ -270,7 +270,10 @@ fn settings(c: &mut Checker, raw: &RawConfig, host: &dyn Host) -> Settings {
                 ("offload", XdpMode::Offload),
             ],
         );
-        if xdp_mode == XdpMode::Offload && host.interface_exists(&iface.name) && !host.can_offload_xdp(&iface.name) {
+        if xdp_mode == XdpMode::Offload
+            && host.interface_exists(&iface.name)
+            && !host.can_offload_xdp(&iface.name)
+        {
             c.error(
                 format!("interfaces[{i}].xdp_mode"),
                 Some("\"offload\"".into()),
@@ -608,7 +611,12 @@ fn egress_settings(c: &mut Checker, raw: &RawEgress, host: &dyn Host) -> EgressS
     let nat_table_size = raw
         .nat_table_size
         .unwrap_or(gatewayd_common::maps::MAX_NAT_ENTRIES);
-    c.capacity("egress.nat_table_size".into(), nat_table_size, 1024, MAX_FLOW_TABLE_SIZE);
+    c.capacity(
+        "egress.nat_table_size".into(),
+        nat_table_size,
+        1024,
+        MAX_FLOW_TABLE_SIZE,
+    );
     let mut timeout = |key: &str, value: Option<u32>, default: u32| {
         let v = value.unwrap_or(default);
         if v == 0 {

@@ -5,6 +5,7 @@ use super::crd::{EgressGatewayPolicySpec, KIND as EGRESS_KIND};
 use super::identity::{self, LabelSet};
 use super::selector;
 use crate::config::{Cluster, Host};
+use crate::model::checks;
 use crate::model::*;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service as K8sService};
@@ -300,7 +301,7 @@ fn convert_service(
             continue;
         };
         for &vip in &vips {
-            services.push(Arc::new(Service {
+            let service = Service {
                 name: format!("{}/{ns}/{name}:{number}", cluster.name),
                 key: ServiceKey {
                     vip,
@@ -315,15 +316,51 @@ fn convert_service(
                 affinity_timeout,
                 encapsulation,
                 backends: backends(port, vip.is_ipv6(), slices, &mut report),
-            }));
+            };
+            if let Some(service) = checked(service, &mut report) {
+                services.push(Arc::new(service));
+            }
         }
     }
+    problems.sort();
+    problems.dedup();
     ServiceConversion {
         object: svc.clone(),
         slices: slices.iter().map(|s| Arc::clone(s)).collect(),
         services,
         problems,
     }
+}
+
+/// The service as the model's checks (the same as the TOML's) leave it: `None` if its VIP can
+/// never work, else without the backends that cannot.
+fn checked(mut service: Service, report: &mut impl FnMut(String)) -> Option<Service> {
+    let mut left_out = Vec::new();
+    for f in checks::service(&service) {
+        let what = match f.field {
+            checks::ServiceField::Vip => "status.loadBalancer.ingress ip",
+            checks::ServiceField::Backend(_) => "endpoint address",
+        };
+        if f.severity == checks::Severity::Warning {
+            report(format!("{what} {}: {}", f.value, f.message));
+            continue;
+        }
+        match f.field {
+            checks::ServiceField::Vip => {
+                report(format!("{what} {}: {}; not served", f.value, f.message));
+                return None;
+            }
+            checks::ServiceField::Backend(i) => {
+                report(format!("{what} {}: {}; left out", f.value, f.message));
+                left_out.push(i);
+            }
+        }
+    }
+    let mut index = 0..;
+    service
+        .backends
+        .retain(|_| !left_out.contains(&index.next().expect("endless")));
+    Some(service)
 }
 
 /// The backends of one service port for one address family, from its EndpointSlices. The
@@ -424,14 +461,31 @@ fn peers(cluster: &Cluster, nodes: &[Arc<Node>], problems: &mut Vec<Problem>) ->
                 .map(|n| n.trunc())
                 .collect();
             allowed_ips.extend(internal.iter().map(|ip| IpNet::from(*ip)));
-            Some(Peer {
+            let peer = Peer {
                 name: format!("{}/{}", cluster.name, meta.name.as_deref().unwrap_or_default()),
                 public_key: key.to_owned(),
                 endpoint: internal
                     .first()
                     .map(|ip| SocketAddr::new(*ip, cluster.wireguard_port)),
                 allowed_ips,
-            })
+            };
+            let mut usable = true;
+            for f in checks::peer(&peer, true) {
+                let checks::PeerField::Endpoint = f.field;
+                let error = f.severity == checks::Severity::Error;
+                usable &= !error;
+                problems.push(problem(
+                    "Node",
+                    meta,
+                    format!(
+                        "InternalIP endpoint {}: {}{}",
+                        f.value,
+                        f.message,
+                        if error { "; not a peer" } else { "" }
+                    ),
+                ));
+            }
+            usable.then_some(peer)
         })
         .collect();
     peers.sort_by(|a, b| a.name.cmp(&b.name));
@@ -534,7 +588,14 @@ fn egress_policies(
     let mut verdicts = BTreeMap::new();
     for object in objects {
         let name = object.metadata.name.clone().unwrap_or_default();
-        match egress_policy(cx, object, pods) {
+        let mut warnings = Vec::new();
+        let result = egress_policy(cx, object, pods, &mut warnings);
+        problems.extend(
+            warnings
+                .into_iter()
+                .map(|w| problem(EGRESS_KIND, &object.metadata, w)),
+        );
+        match result {
             Ok(policy) => {
                 verdicts.insert(name, None);
                 policies.push(policy);
@@ -563,7 +624,13 @@ fn cidrs(field: &str, values: &[String]) -> Result<Vec<IpNet>, String> {
         .collect()
 }
 
-fn egress_policy(cx: &Context, object: &DynamicObject, pods: &PodView) -> Result<EgressPolicy, String> {
+/// The policy, or why it is skipped; `warnings` gets what is applied but surely wrong.
+fn egress_policy(
+    cx: &Context,
+    object: &DynamicObject,
+    pods: &PodView,
+    warnings: &mut Vec<String>,
+) -> Result<EgressPolicy, String> {
     let spec: EgressGatewayPolicySpec =
         serde_json::from_value(object.data.get("spec").cloned().unwrap_or_default())
             .map_err(|e| format!("spec: {e}"))?;
@@ -572,7 +639,7 @@ fn egress_policy(cx: &Context, object: &DynamicObject, pods: &PodView) -> Result
         return Err("spec.destinationCIDRs: at least one destination CIDR is required".into());
     }
     let excluded_cidrs = cidrs("excludedCIDRs", &spec.excluded_cidrs)?;
-    let mut source_cidrs = cidrs("sourceCIDRs", &spec.source_cidrs)?;
+    let source_cidrs = cidrs("sourceCIDRs", &spec.source_cidrs)?;
     if spec.selectors.is_empty() && source_cidrs.is_empty() {
         return Err("spec: select source pods (selectors) or sourceCIDRs".into());
     }
@@ -615,6 +682,29 @@ fn egress_policy(cx: &Context, object: &DynamicObject, pods: &PodView) -> Result
             "spec.interface: {interface:?} is not an interface of this gateway"
         ));
     }
+    let mut policy = EgressPolicy {
+        name: format!(
+            "{}/{}",
+            cx.cluster.name,
+            object.metadata.name.as_deref().unwrap_or_default()
+        ),
+        source_cidrs,
+        destination_cidrs,
+        excluded_cidrs,
+        interface,
+        egress_ip,
+    };
+    for f in checks::egress_policy(&policy) {
+        let field = match f.field {
+            checks::EgressPolicyField::EgressIp => "spec.egressIP".to_string(),
+            checks::EgressPolicyField::SourceCidr(i) => format!("spec.sourceCIDRs[{i}]"),
+        };
+        let message = format!("{field}: {}: {}", f.value, f.message);
+        match f.severity {
+            checks::Severity::Error => return Err(message),
+            checks::Severity::Warning => warnings.push(message),
+        }
+    }
     let selected = |pod: &Pod| {
         spec.selectors.iter().any(|s| {
             let ok = |sel: &Option<_>, labels: &BTreeMap<String, String>| {
@@ -627,25 +717,16 @@ fn egress_policy(cx: &Context, object: &DynamicObject, pods: &PodView) -> Result
             ) && ok(&s.namespace_selector, pods.labels_of_namespace(pod))
         })
     };
+    // Only the explicit sourceCIDRs are checked: a dual-stack pod's address of the other family
+    // is no mistake of the policy's (it just never matches).
     for (pod, ips) in &pods.pods {
         if selected(pod) {
-            source_cidrs.extend(ips.iter().map(|ip| IpNet::from(*ip)));
+            policy.source_cidrs.extend(ips.iter().map(|ip| IpNet::from(*ip)));
         }
     }
-    source_cidrs.sort();
-    source_cidrs.dedup();
-    Ok(EgressPolicy {
-        name: format!(
-            "{}/{}",
-            cx.cluster.name,
-            object.metadata.name.as_deref().unwrap_or_default()
-        ),
-        source_cidrs,
-        destination_cidrs,
-        excluded_cidrs,
-        interface,
-        egress_ip,
-    })
+    policy.source_cidrs.sort();
+    policy.source_cidrs.dedup();
+    Ok(policy)
 }
 
 #[cfg(test)]
@@ -898,6 +979,101 @@ mod tests {
         }
         assert_eq!(invalid.len(), 6);
         assert_eq!(state.egress_verdicts["shop-web"], None);
+    }
+
+    /// The TOML's checks apply to objects from a cluster (issue #15): what can never work is
+    /// skipped with a message naming the object, the field and the value; the rest is served.
+    #[test]
+    fn addresses_that_can_never_work_are_skipped_with_a_problem() {
+        use serde_json::json;
+        let service = |name: &str, vips: &[&str]| {
+            Arc::new(
+                serde_json::from_value::<K8sService>(json!({
+                    "metadata": {"name": name, "namespace": "shop"},
+                    "spec": {"type": "LoadBalancer", "loadBalancerClass": crate::config::DEFAULT_LOAD_BALANCER_CLASS,
+                             "ports": [{"port": 80, "protocol": "TCP"}]},
+                    "status": {"loadBalancer": {"ingress": vips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>()}},
+                }))
+                .unwrap(),
+            )
+        };
+        let slice = Arc::new(
+            serde_json::from_value::<EndpointSlice>(json!({
+                "metadata": {"name": "web-1", "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": ["10.244.0.1"]}, {"addresses": ["127.0.0.1"]}, {"addresses": ["10.100.0.1"]}],
+                "ports": [{"port": 80}],
+            }))
+            .unwrap(),
+        );
+        let node = Arc::new(
+            serde_json::from_value::<Node>(json!({
+                "metadata": {"name": "n1", "annotations": {ANNOTATION_WG_KEYS[0]: "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg="}},
+                "status": {"addresses": [{"type": "InternalIP", "address": "0.0.0.0"}]},
+            }))
+            .unwrap(),
+        );
+        let policy = Arc::new(
+            serde_json::from_value::<DynamicObject>(json!({
+                "apiVersion": "gatewayd.io/v1alpha1", "kind": "EgressGatewayPolicy",
+                "metadata": {"name": "broadcast"},
+                "spec": {"sourceCIDRs": ["10.244.0.0/16"], "destinationCIDRs": ["0.0.0.0/0"], "egressIP": "255.255.255.255"},
+            }))
+            .unwrap(),
+        );
+        let objects = ClusterObjects {
+            services: vec![
+                service("web", &["10.100.0.1", "224.0.0.1"]),
+                service("zero", &["0.0.0.0"]),
+            ],
+            endpoint_slices: vec![slice],
+            nodes: vec![node],
+            egress_policies: vec![policy],
+            ..Default::default()
+        };
+        let cluster = cluster();
+        let state = convert(
+            &Context {
+                cluster: &cluster,
+                egress_interface: Some("eth0"),
+                host: &TestHost,
+            },
+            &objects,
+            &mut ServiceCache::default(),
+        );
+        let served: Vec<(String, Vec<String>)> = state
+            .desired
+            .services
+            .values()
+            .map(|s| {
+                (
+                    s.key.to_string(),
+                    s.backends.iter().map(|b| b.address.to_string()).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            served,
+            [("10.100.0.1:80/tcp".to_string(), vec!["10.244.0.1".to_string()])]
+        );
+        assert!(state.desired.peers.is_empty());
+        assert!(state.desired.egress_policies.is_empty());
+        let shown: Vec<String> = state
+            .problems
+            .iter()
+            .map(|p| format!("{} {}: {}", p.kind, p.name, p.message))
+            .collect();
+        for wanted in [
+            "EgressGatewayPolicy broadcast: spec.egressIP: 255.255.255.255: a packet source cannot be the broadcast address",
+            "Node n1: InternalIP endpoint 0.0.0.0:51820: a peer endpoint cannot be an unspecified address",
+            "Service web: endpoint address 10.100.0.1: a backend cannot be the service's own VIP; left out",
+            "Service web: endpoint address 127.0.0.1: a backend cannot be a loopback address",
+            "Service web: status.loadBalancer.ingress ip 224.0.0.1: a VIP cannot be a multicast address (224.0.0.0/4); not served",
+            "Service zero: status.loadBalancer.ingress ip 0.0.0.0: a VIP cannot be an unspecified address",
+        ] {
+            assert!(shown.iter().any(|p| p.starts_with(wanted)), "{wanted:?} not in {shown:#?}");
+        }
+        assert_eq!(shown.len(), 6, "each problem once: {shown:#?}");
     }
 
     fn trimmed<K: Clone>(objects: &mut [Arc<K>], f: fn(&mut K)) {

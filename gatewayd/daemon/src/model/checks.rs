@@ -141,7 +141,11 @@ pub fn service(s: &Service) -> Vec<Finding<ServiceField>> {
         let field = ServiceField::Backend(i);
         if b.address == vip {
             // The packet would come back to the gateway, encapsulated to its own VIP.
-            out.push(error(field, vip, "a backend cannot be the service's own VIP".into()));
+            out.push(error(
+                field,
+                vip,
+                "a backend cannot be the service's own VIP".into(),
+            ));
         } else {
             out.extend(address(field, Role::Backend, b.address));
         }
@@ -165,22 +169,24 @@ pub fn egress_policy(p: &EgressPolicy) -> Vec<Finding<EgressPolicyField>> {
         .into_iter()
         .collect();
     for (i, net) in p.source_cidrs.iter().enumerate() {
-        let v6 = net.addr().is_ipv6();
-        let family = if v6 { "IPv6" } else { "IPv4" };
-        let why = match p.egress_ip {
-            Some(ip) if ip.is_ipv6() != v6 => format!("egress IP {ip} is of the other family"),
-            _ if !p.destination_cidrs.iter().any(|d| d.addr().is_ipv6() == v6) => {
-                format!("the policy has no {family} destination")
-            }
-            _ => continue,
-        };
-        out.push(error(
-            EgressPolicyField::SourceCidr(i),
-            net,
-            format!("an {family} source never matches: {why}"),
-        ));
+        if let Some(why) = unmatchable_source(p, net.addr().is_ipv6()) {
+            out.push(error(EgressPolicyField::SourceCidr(i), net, why));
+        }
     }
     out
+}
+
+/// Why a source of this family never matches the policy, if it does not.
+fn unmatchable_source(p: &EgressPolicy, v6: bool) -> Option<String> {
+    let family = if v6 { "IPv6" } else { "IPv4" };
+    let why = match p.egress_ip {
+        Some(ip) if ip.is_ipv6() != v6 => format!("egress IP {ip} is of the other family"),
+        _ if !p.destination_cidrs.iter().any(|d| d.addr().is_ipv6() == v6) => {
+            format!("the policy has no {family} destination")
+        }
+        _ => return None,
+    };
+    Some(format!("an {family} source never matches: {why}"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,7 +205,10 @@ pub fn peer(p: &Peer, port_matters: bool) -> Vec<Finding<PeerField>> {
         )];
     }
     address(PeerField::Endpoint, Role::Peer, e.ip())
-        .map(|f| Finding { value: e.to_string(), ..f })
+        .map(|f| Finding {
+            value: e.to_string(),
+            ..f
+        })
         .into_iter()
         .collect()
 }
@@ -224,7 +233,10 @@ mod tests {
             "::ffff:10.0.0.1",
         ] {
             let why = unusable(Role::Vip, bad.parse().unwrap());
-            assert!(why.as_deref().is_some_and(|w| w.starts_with("a VIP cannot be")), "{bad}: {why:?}");
+            assert!(
+                why.as_deref().is_some_and(|w| w.starts_with("a VIP cannot be")),
+                "{bad}: {why:?}"
+            );
         }
         for good in ["10.0.0.1", "192.0.2.1", "2001:db8::1", "fd00::1", "169.254.1.1"] {
             assert_eq!(unusable(Role::Backend, good.parse().unwrap()), None, "{good}");
@@ -281,11 +293,18 @@ mod tests {
             allowed_ips: vec![],
         };
         assert_eq!(self::peer(&peer("192.0.2.2:51820"), true), []);
-        assert_eq!(self::peer(&peer("192.0.2.2:0"), false), [], "IPsec ignores the port");
+        assert_eq!(
+            self::peer(&peer("192.0.2.2:0"), false),
+            [],
+            "IPsec ignores the port"
+        );
         for bad in ["192.0.2.2:0", "0.0.0.0:51820", "[ff02::1]:51820", "224.0.0.1:500"] {
             let found = self::peer(&peer(bad), true);
             assert_eq!(found.len(), 1, "{bad}");
-            assert_eq!((found[0].value.as_str(), found[0].severity), (bad, Severity::Error));
+            assert_eq!(
+                (found[0].value.as_str(), found[0].severity),
+                (bad, Severity::Error)
+            );
         }
     }
 }
