@@ -16,7 +16,8 @@
 //!
 //! The long-running process: [`daemon`] (composition and order of operations), [`control`]
 //! (`gatewayctl`), [`events`] (flow events), [`metrics`], [`logging`], and [`state_file`]
-//! (what the daemon keeps under `daemon.state_dir` across restarts).
+//! (what the daemon keeps under `daemon.state_dir` across restarts), [`secret_file`] (key and
+//! token files, read with one check of their mode).
 
 pub mod config;
 pub mod control;
@@ -32,4 +33,5 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod reconcile;
+pub mod secret_file;
 pub mod state_file;

@@ -43,7 +43,7 @@ const PROBE_SPI: u32 = 0x6764_ffff;
 
 /// The key file (`encryption.ipsec.key_file`), read and parsed.
 pub fn read_key_file(path: &Path) -> Result<KeyFile> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = crate::secret_file::read(path, "IPsec key file")?;
     parse_key_file(&text).with_context(|| format!("{}", path.display()))
 }
 
@@ -680,6 +680,29 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    /// Like the WireGuard key: a key file others may read is made 0600 (issue #15).
+    #[test]
+    fn a_key_file_readable_by_others_is_made_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("gd-ipsec-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ipsec.keys");
+        std::fs::write(&path, format!("1 {PSK1}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(read_key_file(&path).unwrap().current(), 1);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        std::fs::write(&path, format!("1 {PSK1}x\n")).unwrap();
+        let e = format!("{:#}", read_key_file(&path).unwrap_err());
+        assert!(
+            e.contains("line 1: key 1 is not hexadecimal") && !e.contains(PSK1),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

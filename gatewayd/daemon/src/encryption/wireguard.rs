@@ -24,7 +24,7 @@ use rtnetlink::{Handle, LinkUnspec, LinkWireguard, RouteMessageBuilder};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::IntoRawFd;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
@@ -140,34 +140,25 @@ pub fn plan(
 
 /// Reads the private key, or creates it (mode 0600) on first start. Its content is never logged.
 pub fn load_or_create_private_key(path: &Path) -> Result<Key> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => {
-            let mode = std::fs::metadata(path)?.permissions().mode();
-            if mode & 0o077 != 0 {
-                warn!(path = %path.display(), "private key file was readable by others: setting mode 0600");
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-            }
-            Key::from_base64(text.trim())
-                .map_err(|_| anyhow!("{}: not a base64 WireGuard private key", path.display()))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-            }
-            let key = Key::generate_private();
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .with_context(|| format!("creating {}", path.display()))?;
-            writeln!(file, "{}", key.to_base64())?;
-            file.sync_all()?;
-            info!(path = %path.display(), "generated a WireGuard private key");
-            Ok(key)
-        }
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    if path.exists() {
+        let text = crate::secret_file::read(path, "WireGuard private key file")?;
+        return Key::from_base64(text.trim())
+            .map_err(|_| anyhow!("{}: not a base64 WireGuard private key", path.display()));
     }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let key = Key::generate_private();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(file, "{}", key.to_base64())?;
+    file.sync_all()?;
+    info!(path = %path.display(), "generated a WireGuard private key");
+    Ok(key)
 }
 
 /// boringtun running inside the daemon, with the UAPI socket in front of it.
@@ -765,6 +756,7 @@ mod tests {
 
     #[test]
     fn private_key_is_created_0600_once_and_then_reused() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("gd-wgkey-{}", std::process::id()));
         let path = dir.join("sub/wireguard.key");
         let first = load_or_create_private_key(&path).unwrap();
