@@ -16,6 +16,12 @@
 //! `metadata.name` and `metadata.namespace` are served (gatewayd watches its IPsec key Secret
 //! by name, see [`FieldSelector`]); label selectors are not: gatewayd watches whole collections.
 //!
+//! Like a real server with RBAC and authentication it can also refuse: [`ApiServer::require_token`]
+//! (401 without the bearer token), [`ApiServer::unserve`] (404 for a resource of an API version
+//! the server does not have, e.g. `discovery.k8s.io/v1` on Kubernetes 1.20),
+//! [`ApiServer::forbid_status_writes`] (403 on a status subresource until granted); and it
+//! counts the requests it answers ([`ApiServer::requests`]) for tests of retries.
+//!
 //! The server runs on its own runtime and thread: [`ApiServer::stop`] kills every connection at
 //! once (like a crashed API server), [`ApiServer::start`] serves the same store again on a given
 //! listener, e.g. the same port; [`ApiServer::compact`] forgets the event history so watchers
@@ -24,11 +30,11 @@
 use anyhow::{anyhow, bail, Context, Result};
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
-use axum::http::{Method, StatusCode, Uri};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -74,8 +80,22 @@ struct Store {
     uid: u64,
 }
 
+/// What the server refuses, like a real one's authentication and RBAC.
+#[derive(Default)]
+struct Refusals {
+    /// Requests without `Authorization: Bearer <this>` get 401.
+    token: Option<String>,
+    /// (apiVersion, plural) the server does not serve: 404.
+    unserved: HashSet<(String, String)>,
+    /// Plurals whose status subresource may not be written: 403.
+    forbidden_status: HashSet<String>,
+}
+
 struct Shared {
     store: Mutex<Store>,
+    refusals: Mutex<Refusals>,
+    /// Requests answered, by method and path.
+    requests: Mutex<HashMap<(String, String), usize>>,
     /// The newest resourceVersion: wakes every watch.
     changed: watch::Sender<u64>,
     /// Bumped to end every open watch (a dropped connection, seen from the client).
@@ -118,6 +138,8 @@ impl ApiServer {
                     collections: HashMap::new(),
                     uid: 0,
                 }),
+                refusals: Mutex::default(),
+                requests: Mutex::default(),
                 changed: watch::channel(1).0,
                 epoch: watch::channel(0).0,
             }),
@@ -182,6 +204,42 @@ impl ApiServer {
         for c in store.collections.values_mut() {
             c.history.clear();
         }
+    }
+
+    /// From now on every request but `/version` needs `Authorization: Bearer <token>` (`None`:
+    /// none does), or gets 401 as from a real server's token authenticator.
+    pub fn require_token(&self, token: Option<&str>) {
+        self.shared.refusals.lock().expect("refusals").token = token.map(str::to_owned);
+    }
+
+    /// The server does not serve `plural` in `api_version`: every request for it gets 404, as
+    /// from a server that lacks the API version.
+    pub fn unserve(&self, api_version: &str, plural: &str) {
+        let mut refusals = self.shared.refusals.lock().expect("refusals");
+        refusals
+            .unserved
+            .insert((api_version.to_owned(), plural.to_owned()));
+    }
+
+    /// Writes of `plural`'s status subresource get 403 (`true`) as while RBAC does not grant
+    /// them, or are allowed again (`false`), as after the grant.
+    pub fn forbid_status_writes(&self, plural: &str, forbidden: bool) {
+        let mut refusals = self.shared.refusals.lock().expect("refusals");
+        if forbidden {
+            refusals.forbidden_status.insert(plural.to_owned());
+        } else {
+            refusals.forbidden_status.remove(plural);
+        }
+    }
+
+    /// How many `method` requests for `path` (without the query) the server answered, refused
+    /// ones included.
+    pub fn requests(&self, method: &str, path: &str) -> usize {
+        let requests = self.shared.requests.lock().expect("requests");
+        requests
+            .get(&(method.to_owned(), path.to_owned()))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Creates or replaces an object (`apiVersion`, `kind` and `metadata.name` required);
@@ -375,6 +433,43 @@ fn parse_path(path: &str) -> Option<Target> {
     })
 }
 
+impl Shared {
+    /// The 404 or 403 a real server gives for what it lacks or RBAC does not grant.
+    fn refuse(&self, method: &Method, target: &Target) -> Option<Response> {
+        let refusals = self.refusals.lock().expect("refusals");
+        let plural = &target.key.1;
+        if refusals
+            .unserved
+            .contains(&(target.api_version.clone(), plural.clone()))
+        {
+            return Some(status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "the server could not find the requested resource".into(),
+            ));
+        }
+        let writes = matches!(*method, Method::PATCH | Method::PUT);
+        if writes && target.status && refusals.forbidden_status.contains(plural) {
+            let name = target.name.as_deref().unwrap_or_default();
+            let namespace = target
+                .namespace
+                .as_deref()
+                .map(|n| format!(" in the namespace \"{n}\""))
+                .unwrap_or_default();
+            return Some(status(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                format!(
+                    "{plural} \"{name}\" is forbidden: User \"system:serviceaccount:gatewayd:gatewayd\" cannot {} resource \"{plural}/status\" in API group \"{}\"{namespace}",
+                    method.as_str().to_lowercase(),
+                    target.key.0
+                ),
+            ));
+        }
+        None
+    }
+}
+
 fn status(code: StatusCode, reason: &str, message: String) -> Response {
     (
         code,
@@ -390,9 +485,24 @@ async fn handle(
     State(shared): State<Arc<Shared>>,
     method: Method,
     uri: Uri,
+    headers: HeaderMap,
     Query(params): Query<Params>,
     body: Bytes,
 ) -> Response {
+    *shared
+        .requests
+        .lock()
+        .expect("requests")
+        .entry((method.to_string(), uri.path().to_owned()))
+        .or_default() += 1;
+    // Anyone may read the version (system:public-info-viewer); the rest needs the token.
+    let wanted = shared.refusals.lock().expect("refusals").token.clone();
+    if let Some(token) = wanted.filter(|_| uri.path() != "/version") {
+        let sent = headers.get("authorization").and_then(|v| v.to_str().ok());
+        if sent != Some(format!("Bearer {token}").as_str()) {
+            return status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized".into());
+        }
+    }
     if uri.path() == "/version" {
         return axum::Json(json!({
             "major": "1", "minor": "35", "gitVersion": "v1.35.0-gatewayd-test",
@@ -408,6 +518,9 @@ async fn handle(
             format!("no route {}", uri.path()),
         );
     };
+    if let Some(refused) = shared.refuse(&method, &target) {
+        return refused;
+    }
     match (method, &target.name) {
         (Method::GET, None)
             if params.watch.as_deref() == Some("true") || params.watch.as_deref() == Some("1") =>
