@@ -308,3 +308,48 @@ async fn ipsec_keys_follow_their_secret_and_rotate() {
     assert_eq!(plan(&state, &two.keys).current, 2);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `echo "$TOKEN" > file` leaves a newline (issue #15): the token is sent trimmed, as client-go
+/// sends it, and the file is made 0600 like every secret.
+#[tokio::test]
+async fn a_token_file_ending_in_a_newline_authenticates() {
+    use k8s_openapi::api::core::v1::Service;
+    use std::os::unix::fs::PermissionsExt;
+    let mut server = ApiServer::new();
+    let addr = server.start(loopback()).unwrap();
+    server.require_token(Some("gatewayd-test-token"));
+    server.apply(service("web", "10.100.0.1")).unwrap();
+    let dir = std::env::temp_dir().join(format!("gd-k8s-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let list_with = |token: &str| {
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, token).unwrap();
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let cluster = Cluster::new(
+            5,
+            "token",
+            ClusterAccess::Token {
+                server: format!("http://{addr}"),
+                token_file,
+                ca_file: None,
+            },
+        );
+        async move {
+            let client = sync::client(&cluster).await?;
+            let services: kube::Api<Service> = kube::Api::all(client);
+            anyhow::Ok(services.list(&Default::default()).await?.items.len())
+        }
+    };
+    let listed = list_with("gatewayd-test-token\n").await;
+    assert_eq!(listed.unwrap(), 1, "listed with the trimmed token");
+    assert_eq!(
+        std::fs::metadata(dir.join("token")).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let refused = list_with("another-token\n").await.unwrap_err().to_string();
+    assert!(
+        refused.contains("Unauthorized"),
+        "the server does check: {refused}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

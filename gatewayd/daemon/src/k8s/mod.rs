@@ -14,6 +14,7 @@ pub mod saved;
 pub mod secret;
 pub mod selector;
 pub mod sync;
+pub mod token;
 
 use crate::model::merge::Contribution;
 use crate::model::{DesiredState, ServiceKey};

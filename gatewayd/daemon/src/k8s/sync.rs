@@ -16,6 +16,7 @@ use super::convert::{self, ClusterObjects, ClusterState, Context};
 use super::crd;
 use super::ipam::{self, ServiceName};
 use super::secret::KeySecret;
+use super::token::BearerToken;
 use crate::config::{Cluster, ClusterAccess, Host, SecretRef, Settings, SystemHost};
 use anyhow::{Context as _, Result};
 use futures_util::StreamExt;
@@ -151,8 +152,8 @@ pub async fn client(cluster: &Cluster) -> Result<Client> {
             token_file,
             ca_file,
         } => {
-            // The same access as a kubeconfig would give, so kube handles token refresh
-            // (token_file is re-read) and the CA the same way.
+            // The same access as a kubeconfig would give: the CA is handled the same way, and
+            // the token file by the same layer (super::token).
             let doc = serde_json::json!({
                 "apiVersion": "v1", "kind": "Config", "current-context": "gatewayd",
                 "clusters": [{"name": "c", "cluster": {
@@ -169,10 +170,17 @@ pub async fn client(cluster: &Cluster) -> Result<Client> {
         context,
         ..Default::default()
     };
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
         .await
         .with_context(|| format!("cluster {}: kubeconfig", cluster.name))?;
-    Client::try_from(config).with_context(|| format!("cluster {}: client", cluster.name))
+    let token =
+        BearerToken::take_from(&mut config.auth_info).with_context(|| format!("cluster {}", cluster.name))?;
+    let builder = kube::client::ClientBuilder::try_from(config)
+        .with_context(|| format!("cluster {}: client", cluster.name))?;
+    Ok(match token {
+        Some(token) => builder.with_layer(&token).build(),
+        None => builder.build(),
+    })
 }
 
 #[derive(Default, Clone, Copy)]
