@@ -5,7 +5,7 @@
 use gatewayd::config::{Cluster, ClusterAccess, Host, SecretRef, DEFAULT_LOAD_BALANCER_CLASS};
 use gatewayd::encryption::ipsec::{plan_keys, InstalledKey};
 use gatewayd::k8s::convert::ClusterState;
-use gatewayd::k8s::sync::{self, ClusterUpdate, SharedStatus, SyncState};
+use gatewayd::k8s::sync::{self, ClusterUpdate, KindState, SharedStatus, SyncState};
 use gatewayd::model::parse_key_file;
 use gatewayd_integration::apiserver::ApiServer;
 use serde_json::{json, Value};
@@ -214,6 +214,11 @@ async fn follows_a_cluster_through_outage_and_compaction() {
         )]
     );
     wait_state(&status, SyncState::Synced).await;
+    assert_eq!(
+        status.lock().unwrap().last_error,
+        None,
+        "the outage's error is gone with it"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -352,4 +357,208 @@ async fn a_token_file_ending_in_a_newline_authenticates() {
         "the server does check: {refused}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A client of `server` in process, no sockets: with tokio's clock paused, backoffs of minutes
+/// pass in an instant, and what happens in them is counted, not timed.
+fn in_process(server: &ApiServer) -> kube::Client {
+    kube::Client::new(server.router(), "default")
+}
+
+fn cluster_named(id: u32, name: &str) -> Cluster {
+    Cluster::new(
+        id,
+        name,
+        ClusterAccess::Kubeconfig {
+            path: "/dev/null".into(),
+            context: None,
+        },
+    )
+}
+
+/// EndpointSlice v1 on a Kubernetes 1.20 server (issue #15): it was listed again every ~0.4 s
+/// forever (kube's backoff resets on each relist's first event), and the status said `synced`
+/// with no word of it. Now the backoff grows to its maximum and the kind's state says what
+/// is missing and what that means.
+#[tokio::test(start_paused = true)]
+async fn an_unserved_kind_is_retried_with_a_growing_backoff_and_shown() {
+    let server = ApiServer::new();
+    server.unserve("discovery.k8s.io/v1", "endpointslices");
+    server.apply(service("web", "10.100.0.1")).unwrap();
+    let (tx, mut updates) = mpsc::channel(16);
+    let status = sync::spawn(
+        cluster_named(6, "old"),
+        in_process(&server),
+        None,
+        None,
+        AnyInterface,
+        tx,
+    );
+    let state = next_update(&mut updates).await;
+    assert_eq!(backends(&state), [("10.100.0.1:80/tcp".to_string(), vec![])]);
+
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let lists = server.requests("GET", "/apis/discovery.k8s.io/v1/endpointslices");
+    // Delays of 0.25, 0.5, 1, 2, 4, 8, then 10 s (plus jitter): at most 12 in a minute.
+    println!("EndpointSlice lists in 60 s: {lists}");
+    assert!(
+        lists <= 12,
+        "{lists} lists in a minute: the backoff does not grow"
+    );
+    let status = status.lock().unwrap().clone();
+    assert_eq!(status.state, SyncState::Synced, "{status:?}");
+    assert_eq!(
+        status.last_error, None,
+        "a kind not served is no failure: {status:?}"
+    );
+    let slices = status.kinds.iter().find(|k| k.kind == "EndpointSlice").unwrap();
+    assert_eq!(
+        (slices.api_version.as_str(), slices.state),
+        ("discovery.k8s.io/v1", KindState::NotServed)
+    );
+    let error = slices.error.as_deref().unwrap();
+    assert!(error.contains("Services have no backends"), "{error}");
+    let synced = status
+        .kinds
+        .iter()
+        .filter(|k| k.state == KindState::Synced)
+        .count();
+    assert_eq!(synced, 5, "{status:?}");
+}
+
+/// A 403 on writing a Service's status (RBAC without the LB-IPAM grant) stopped the writes
+/// until a restart (issue #15): now they are tried again with backoff, and the grant takes
+/// effect by itself.
+#[tokio::test(start_paused = true)]
+async fn lb_ipam_writes_resume_once_rbac_allows_them() {
+    let server = ApiServer::new();
+    server.forbid_status_writes("services", true);
+    let mut auto = service("auto", "");
+    auto["status"] = json!({"loadBalancer": {}});
+    server.apply(auto).unwrap();
+    server.apply(slice("auto-1", "auto", &["10.244.0.5"])).unwrap();
+    let cluster = Cluster {
+        address_pools: vec!["10.100.5.0/30".parse().unwrap()],
+        ..cluster_named(7, "ipam")
+    };
+    let (tx, mut updates) = mpsc::channel(16);
+    sync::spawn(cluster, in_process(&server), None, None, AnyInterface, tx);
+    let state = next_update(&mut updates).await;
+    assert!(state.desired.services.is_empty(), "no VIP yet");
+    let status_path = "/api/v1/namespaces/shop/services/auto/status";
+    let ingress = |server: &ApiServer| {
+        server.get("v1", "Service", Some("shop"), "auto").unwrap()["status"]["loadBalancer"]["ingress"][0]
+            ["ip"]
+            .clone()
+    };
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let refused = server.requests("PATCH", status_path);
+    assert!(refused >= 2, "tried again while refused: {refused}");
+    assert_eq!(ingress(&server), Value::Null);
+
+    server.forbid_status_writes("services", false);
+    // Within the retry's maximum delay (5 min).
+    tokio::time::sleep(Duration::from_secs(301)).await;
+    assert_eq!(ingress(&server), "10.100.5.1");
+    println!(
+        "status writes: {refused} refused in 30 s, {} in all",
+        server.requests("PATCH", status_path)
+    );
+    let mut state = next_update(&mut updates).await;
+    while state.desired.services.is_empty() {
+        state = next_update(&mut updates).await;
+    }
+    assert_eq!(
+        backends(&state),
+        [("10.100.5.1:80/tcp".to_string(), vec!["10.244.0.5".to_string()])]
+    );
+}
+
+fn policy(name: &str, spec: Value, condition: Option<(&str, &str, &str)>) -> Value {
+    let mut object = json!({
+        "apiVersion": "gatewayd.io/v1alpha1", "kind": "EgressGatewayPolicy",
+        "metadata": {"name": name},
+        "spec": spec,
+    });
+    if let Some((status, reason, message)) = condition {
+        object["status"] = json!({"conditions": [{
+            "type": "Valid", "status": status, "reason": reason, "message": message,
+            "lastTransitionTime": "2026-01-01T00:00:00Z",
+        }]});
+    }
+    object
+}
+
+/// A restarted gateway patched every policy's condition with a new lastTransitionTime though
+/// nothing had changed (issue #15). Now an unchanged condition is not written, and a changed
+/// message keeps the time: it changes with the status only.
+#[tokio::test(start_paused = true)]
+async fn policy_conditions_keep_their_transition_time() {
+    let server = ApiServer::new();
+    let valid = json!({"sourceCIDRs": ["10.244.0.0/16"], "destinationCIDRs": ["203.0.113.0/24"]});
+    let invalid = json!({"sourceCIDRs": ["10.244.0.0/16"]});
+    server
+        .apply(policy(
+            "unchanged",
+            valid.clone(),
+            Some(("True", "Accepted", "programmed by gatewayd")),
+        ))
+        .unwrap();
+    server
+        .apply(policy(
+            "reworded",
+            invalid,
+            Some(("False", "Invalid", "an older message")),
+        ))
+        .unwrap();
+    server
+        .apply(policy(
+            "fixed",
+            valid.clone(),
+            Some(("False", "Invalid", "an older message")),
+        ))
+        .unwrap();
+    server.apply(policy("new", valid, None)).unwrap();
+    let (tx, mut updates) = mpsc::channel(16);
+    sync::spawn(
+        cluster_named(8, "policies"),
+        in_process(&server),
+        Some("eth0".into()),
+        None,
+        AnyInterface,
+        tx,
+    );
+    let state = next_update(&mut updates).await;
+    assert_eq!(state.desired.egress_policies.len(), 3);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    let path = |name: &str| format!("/apis/gatewayd.io/v1alpha1/egressgatewaypolicies/{name}/status");
+    assert_eq!(
+        server.requests("PATCH", &path("unchanged")),
+        0,
+        "nothing to write"
+    );
+    let condition = |name: &str| {
+        server
+            .get("gatewayd.io/v1alpha1", "EgressGatewayPolicy", None, name)
+            .unwrap()["status"]["conditions"][0]
+            .clone()
+    };
+    let reworded = condition("reworded");
+    assert_eq!(reworded["status"], "False");
+    assert!(
+        reworded["message"].as_str().unwrap().contains("destination"),
+        "{reworded}"
+    );
+    assert_eq!(
+        reworded["lastTransitionTime"], "2026-01-01T00:00:00Z",
+        "same status, same time"
+    );
+    let fixed = condition("fixed");
+    assert_eq!(fixed["status"], "True");
+    assert_ne!(
+        fixed["lastTransitionTime"], "2026-01-01T00:00:00Z",
+        "a new status, a new time"
+    );
+    assert_eq!(condition("new")["status"], "True");
 }

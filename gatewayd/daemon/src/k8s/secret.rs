@@ -7,12 +7,13 @@
 //! A missing or invalid Secret is logged (once per problem, naming the Secret) and contributes
 //! no keys: the keys in force stay, nothing is flushed.
 
+use super::sync::WatchBackoff;
 use crate::config::{SecretRef, KEY_SECRET_DATA_KEY};
 use crate::model::{parse_key_file, IpsecKeys, KeyFile};
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::reflector::{self, store::Writer, Store};
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::watcher;
 use kube::{Api, Client};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -51,18 +52,22 @@ impl KeySecret {
         let config = watcher::Config::default().fields(&format!("metadata.name={}", reference.name));
         let writer = Writer::default();
         let store = writer.as_reader();
-        let stream = reflector::reflector(writer, watcher::watcher(api, config).default_backoff());
+        let stream = reflector::reflector(writer, watcher::watcher(api, config));
         let listed = Arc::new(AtomicBool::new(false));
         let (flag, name) = (listed.clone(), reference.to_string());
         tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
+            let mut backoff = WatchBackoff::new();
             let mut failing = false;
             while let Some(event) = stream.next().await {
                 match event {
+                    // A relist starting is no recovery yet.
+                    Ok(watcher::Event::Init) => {}
                     Ok(event) => {
                         failing = false;
                         if matches!(event, watcher::Event::InitDone) {
                             flag.store(true, Ordering::Relaxed);
+                            backoff.synced();
                         }
                     }
                     Err(e) => {
@@ -70,6 +75,9 @@ impl KeySecret {
                             error!(secret = %name, "cannot read the IPsec key Secret, retrying: {e}");
                         }
                         failing = true;
+                        wake();
+                        tokio::time::sleep(backoff.next_delay()).await;
+                        continue;
                     }
                 }
                 wake();

@@ -25,7 +25,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{DynamicObject, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::reflector::{self, store::Writer, Store};
-use kube::runtime::watcher::{self, ExponentialBackoff};
+use kube::runtime::watcher;
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -47,8 +47,33 @@ pub const MAX_DELAY: Duration = Duration::from_secs(1);
 /// Reconnect quickly at first: a gateway serving stale state wants it fresh soon.
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A watch that worked this long starts its backoff afresh after the next failure.
+const HEALTHY: Duration = Duration::from_secs(60);
+/// A kind's WARN is repeated while it fails, first after this, then at doubling intervals.
+const REMINDER_FIRST: Duration = Duration::from_secs(60);
+const REMINDER_MAX: Duration = Duration::from_secs(3600);
+/// Status writes the API refused (403: RBAC) are tried again after this, doubling.
+const REFUSED_RETRY_MIN: Duration = Duration::from_secs(10);
+const REFUSED_RETRY_MAX: Duration = Duration::from_secs(300);
 
-const KINDS: [&str; 6] = ["Service", "EndpointSlice", "Node", "Pod", "Namespace", crd::KIND];
+/// The kinds followed, and what the gateway lacks while one is not served.
+const KINDS: [(&str, &str); 6] = [
+    ("Service", "no Services of this cluster are load balanced"),
+    (
+        "EndpointSlice",
+        "Services have no backends (EndpointSlice discovery.k8s.io/v1 needs Kubernetes 1.21 or later)",
+    ),
+    ("Node", "no WireGuard or IPsec peers from this cluster's Nodes"),
+    (
+        "Pod",
+        "no pod identities, and egress policy selectors match no pod",
+    ),
+    ("Namespace", "egress policy namespace selectors match nothing"),
+    (
+        crd::KIND,
+        "no egress policies from this cluster (install config/crds/egressgatewaypolicy.yaml)",
+    ),
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncState {
@@ -77,9 +102,43 @@ pub struct ClusterStatus {
     pub state: SyncState,
     /// When a watch last delivered something.
     pub last_event: Option<Instant>,
+    /// The error of a kind that fails now; `None` once every kind works again.
     pub last_error: Option<String>,
     /// States handed to the daemon.
     pub updates: u64,
+    /// Each kind's own state, in [`KINDS`] order (filled as the reflectors start).
+    pub kinds: Vec<KindStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KindStatus {
+    pub kind: &'static str,
+    pub api_version: String,
+    pub state: KindState,
+    /// Why it is not served or fails, and what that means for the gateway.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KindState {
+    /// Not listed completely yet.
+    Listing,
+    Synced,
+    /// The API server does not serve it (404): taken as empty.
+    NotServed,
+    /// Its watch fails now.
+    Failing,
+}
+
+impl KindState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KindState::Listing => "listing",
+            KindState::Synced => "synced",
+            KindState::NotServed => "not-served",
+            KindState::Failing => "failing",
+        }
+    }
 }
 
 pub type SharedStatus = Arc<Mutex<ClusterStatus>>;
@@ -93,6 +152,7 @@ impl ClusterStatus {
             last_event: None,
             last_error: None,
             updates: 0,
+            kinds: Vec::new(),
         }))
     }
 }
@@ -183,13 +243,27 @@ pub async fn client(cluster: &Cluster) -> Result<Client> {
     })
 }
 
-#[derive(Default, Clone, Copy)]
 struct KindHealth {
+    api_version: String,
     /// Listed completely at least once.
     listed: bool,
     /// Between the start and the end of a relist: its store is about to be replaced.
     relisting: bool,
-    failing: bool,
+    problem: Option<KindProblem>,
+    /// Failed attempts since the kind last worked.
+    attempts: u32,
+    /// When the WARN about the current problem is due again.
+    reminder: Reminder,
+}
+
+#[derive(Clone, PartialEq)]
+enum KindProblem {
+    NotServed(String),
+    Failing {
+        error: String,
+        /// The API server answered (403, 500, ...): its being reachable proves nothing.
+        answered: bool,
+    },
 }
 
 /// What one reflector reported.
@@ -202,7 +276,10 @@ enum Observed {
     Change,
     /// The API does not serve the kind (e.g. the CRD is not installed): as good as empty.
     NotServed(String),
-    Failed(String),
+    Failed {
+        error: String,
+        answered: bool,
+    },
 }
 
 impl Observed {
@@ -214,26 +291,79 @@ impl Observed {
             Err(watcher::Error::InitialListFailed(kube::Error::Api(e))) if e.code == 404 => {
                 Observed::NotServed(e.message.clone())
             }
-            Err(e) => Observed::Failed(e.to_string()),
+            Err(e) => Observed::Failed {
+                error: e.to_string(),
+                answered: matches!(
+                    e,
+                    watcher::Error::InitialListFailed(kube::Error::Api(_))
+                        | watcher::Error::WatchStartFailed(kube::Error::Api(_))
+                        | watcher::Error::WatchFailed(kube::Error::Api(_))
+                        | watcher::Error::WatchError(_)
+                ),
+            },
         }
+    }
+}
+
+/// When to say again that something still fails: not at every retry (a 30 s outage made
+/// hundreds of WARN lines), but after [`REMINDER_FIRST`], then at doubling intervals.
+#[derive(Default)]
+struct Reminder {
+    due: Option<tokio::time::Instant>,
+    interval: Duration,
+}
+
+impl Reminder {
+    /// Whether to log now; the first call after [`Reminder::reset`] always does.
+    fn due(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        if self.due.is_some_and(|due| now < due) {
+            return false;
+        }
+        self.interval = match self.due {
+            None => REMINDER_FIRST,
+            Some(_) => (self.interval * 2).min(REMINDER_MAX),
+        };
+        self.due = Some(now + self.interval);
+        true
+    }
+
+    fn reset(&mut self) {
+        *self = Reminder::default();
     }
 }
 
 /// What the reflector tasks tell the converting loop.
 struct Shared {
-    kinds: Mutex<[KindHealth; KINDS.len()]>,
+    kinds: Mutex<Vec<KindHealth>>,
     status: SharedStatus,
     wake: Notify,
 }
 
 impl Shared {
+    /// Registers the next kind of [`KINDS`]; returns its index.
+    fn add_kind(&self, api_version: String) -> usize {
+        let mut kinds = self.kinds.lock().expect("kinds");
+        kinds.push(KindHealth {
+            api_version,
+            listed: false,
+            relisting: false,
+            problem: None,
+            attempts: 0,
+            reminder: Reminder::default(),
+        });
+        let mut status = self.status.lock().expect("status");
+        Self::update_state(&kinds, &mut status);
+        kinds.len() - 1
+    }
+
     fn observe(&self, kind: usize, event: Observed) {
         let mut kinds = self.kinds.lock().expect("kinds");
         let mut status = self.status.lock().expect("status");
+        let (name, without) = KINDS[kind];
         let k = &mut kinds[kind];
-        match event {
+        let problem = match event {
             Observed::Init | Observed::InitDone | Observed::Change => {
-                k.failing = false;
                 match event {
                     Observed::Init => k.relisting = true,
                     Observed::InitDone => {
@@ -243,63 +373,133 @@ impl Shared {
                     _ => {}
                 }
                 status.last_event = Some(Instant::now());
+                // A relist starting proves nothing yet: only its end or an event does.
+                if matches!(event, Observed::Init) {
+                    k.problem.clone()
+                } else {
+                    None
+                }
             }
             Observed::NotServed(message) => {
-                if !k.listed {
-                    warn!(cluster = %status.name, kind = KINDS[kind], "not served by this cluster, taken as empty: {message}");
-                }
                 k.listed = true;
                 k.relisting = false;
-                k.failing = false;
+                Some(KindProblem::NotServed(message))
             }
-            Observed::Failed(e) => {
-                if !k.failing {
-                    warn!(cluster = %status.name, kind = KINDS[kind], "watch failed, retrying: {e}");
-                }
-                k.failing = true;
+            Observed::Failed { error, answered } => {
                 k.relisting = false;
-                status.last_error = Some(format!("{}: {e}", KINDS[kind]));
+                Some(KindProblem::Failing { error, answered })
             }
+        };
+        let cluster = &status.name;
+        match (&k.problem, &problem) {
+            (Some(_), None) => {
+                info!(cluster = %cluster, kind = name, "works again after {} failed attempts", k.attempts);
+                k.attempts = 0;
+                k.reminder.reset();
+            }
+            (_, Some(p)) => {
+                let same_kind = k
+                    .problem
+                    .as_ref()
+                    .is_some_and(|old| std::mem::discriminant(old) == std::mem::discriminant(p));
+                if !same_kind {
+                    // A new problem: say it now; the same one only at growing intervals.
+                    k.reminder.reset();
+                }
+                k.attempts += 1;
+                if k.reminder.due() {
+                    let attempts = k.attempts;
+                    match p {
+                        KindProblem::NotServed(message) => warn!(
+                            cluster = %cluster, kind = name,
+                            "{name} {} is not served by this cluster ({message}), taken as empty: {without}; \
+                             retrying with backoff up to {}s ({attempts} attempts so far)",
+                            k.api_version, BACKOFF_MAX.as_secs()
+                        ),
+                        KindProblem::Failing { error, .. } => warn!(
+                            cluster = %cluster, kind = name,
+                            "watch failed: {error}; the last state stays programmed; retrying with \
+                             backoff up to {}s ({attempts} attempts so far)",
+                            BACKOFF_MAX.as_secs()
+                        ),
+                    }
+                }
+            }
+            (None, None) => {}
         }
-        Self::update_state(&kinds[..], &mut status);
+        k.problem = problem;
+        Self::update_state(&kinds, &mut status);
         drop((kinds, status));
         self.wake.notify_one();
     }
 
-    /// The API answered: watches that failed are reconnecting now (a watch that resumes from
-    /// its resourceVersion delivers nothing until the next change, so this is how a recovery
-    /// is seen); any that still fails says so again.
+    /// The API answered: watches that failed to reach it are reconnecting now (a watch that
+    /// resumes from its resourceVersion delivers nothing until the next change, so this is how
+    /// a recovery is seen); any that still fails says so again. A kind the server itself
+    /// refuses stays failing.
     fn reachable(&self) {
         let mut kinds = self.kinds.lock().expect("kinds");
-        if !kinds.iter().any(|k| k.failing) {
+        let unreachable =
+            |k: &KindHealth| matches!(k.problem, Some(KindProblem::Failing { answered: false, .. }));
+        if !kinds.iter().any(unreachable) {
             return;
         }
-        for k in kinds.iter_mut() {
-            k.failing = false;
+        for k in kinds.iter_mut().filter(|k| unreachable(k)) {
+            k.problem = None;
         }
         let mut status = self.status.lock().expect("status");
-        Self::update_state(&kinds[..], &mut status);
+        Self::update_state(&kinds, &mut status);
     }
 
     fn failing(&self) -> bool {
-        self.kinds.lock().expect("kinds").iter().any(|k| k.failing)
+        let kinds = self.kinds.lock().expect("kinds");
+        kinds
+            .iter()
+            .any(|k| matches!(k.problem, Some(KindProblem::Failing { .. })))
     }
 
     fn update_state(kinds: &[KindHealth], status: &mut ClusterStatus) {
-        let listed = kinds.iter().all(|k| k.listed);
-        let failing = kinds.iter().any(|k| k.failing);
+        let listed = kinds.len() == KINDS.len() && kinds.iter().all(|k| k.listed);
+        let failing = kinds
+            .iter()
+            .any(|k| matches!(k.problem, Some(KindProblem::Failing { .. })));
         status.state = match (status.state, listed, failing) {
             (_, true, false) => SyncState::Synced,
             (SyncState::Connecting, _, _) => SyncState::Connecting,
             _ => SyncState::Stale,
         };
+        status.kinds = kinds
+            .iter()
+            .zip(KINDS)
+            .map(|(k, (kind, without))| {
+                let (state, error) = match &k.problem {
+                    Some(KindProblem::NotServed(message)) => (
+                        KindState::NotServed,
+                        Some(format!("not served ({message}): {without}")),
+                    ),
+                    Some(KindProblem::Failing { error, .. }) => (KindState::Failing, Some(error.clone())),
+                    None if k.listed => (KindState::Synced, None),
+                    None => (KindState::Listing, None),
+                };
+                KindStatus {
+                    kind,
+                    api_version: k.api_version.clone(),
+                    state,
+                    error,
+                }
+            })
+            .collect();
+        // Only what fails now: an error of the past says nothing about the present.
+        let current = status.kinds.iter().rev().find(|k| k.state == KindState::Failing);
+        status.last_error =
+            current.map(|k| format!("{}: {}", k.kind, k.error.as_deref().unwrap_or_default()));
     }
 
     /// Whether the stores make a state worth converting: every kind listed once, none in the
     /// middle of a relist (its store is about to change wholesale).
     fn ready(&self) -> bool {
         let kinds = self.kinds.lock().expect("kinds");
-        kinds.iter().all(|k| k.listed && !k.relisting)
+        kinds.len() == KINDS.len() && kinds.iter().all(|k| k.listed && !k.relisting)
     }
 }
 
@@ -329,34 +529,72 @@ pub(crate) fn trim_pod(pod: &mut Pod) {
         });
 }
 
+/// The delays between a watch's attempts: doubling from [`BACKOFF_MIN`] to [`BACKOFF_MAX`],
+/// with jitter. kube's stream backoff resets on every event, and every relist starts with one
+/// (`Init`): a kind whose list always fails (a resource the server does not serve) was listed
+/// again every ~0.4 s forever. This one starts afresh only once a sync has lasted [`HEALTHY`].
+pub(super) struct WatchBackoff {
+    delays: backon::ExponentialBackoff,
+    synced_at: Option<tokio::time::Instant>,
+}
+
+impl WatchBackoff {
+    pub(super) fn new() -> Self {
+        WatchBackoff {
+            delays: Self::fresh(),
+            synced_at: None,
+        }
+    }
+
+    fn fresh() -> backon::ExponentialBackoff {
+        use backon::BackoffBuilder;
+        backon::ExponentialBuilder::default()
+            .with_min_delay(BACKOFF_MIN)
+            .with_max_delay(BACKOFF_MAX)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+
+    pub(super) fn synced(&mut self) {
+        self.synced_at = Some(tokio::time::Instant::now());
+    }
+
+    /// The wait after a failure.
+    pub(super) fn next_delay(&mut self) -> Duration {
+        if self.synced_at.take().is_some_and(|t| t.elapsed() >= HEALTHY) {
+            self.delays = Self::fresh();
+        }
+        // Jitter adds up to the delay again: the maximum stays the maximum.
+        self.delays.next().unwrap_or(BACKOFF_MAX).min(BACKOFF_MAX)
+    }
+}
+
 /// Runs one reflector until the runtime stops; returns its store.
-fn reflect<K>(
-    api: Api<K>,
-    dyntype: K::DynamicType,
-    kind: usize,
-    shared: Arc<Shared>,
-    trim: fn(&mut K),
-) -> Store<K>
+fn reflect<K>(api: Api<K>, dyntype: K::DynamicType, shared: Arc<Shared>, trim: fn(&mut K)) -> Store<K>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + Hash + Clone + Send + Sync,
 {
+    let kind = shared.add_kind(K::api_version(&dyntype).into_owned());
     let writer = Writer::new(dyntype);
     let store = writer.as_reader();
-    let backoff = backon::ExponentialBuilder::default()
-        .with_min_delay(BACKOFF_MIN)
-        .with_max_delay(BACKOFF_MAX)
-        .with_jitter()
-        .without_max_times();
     // Bookmarks are on by default: a reconnect resumes from a recent version, not a relist.
-    let stream = watcher::watcher(api, watcher::Config::default())
-        .modify(trim)
-        .backoff(ExponentialBackoff::from(backoff));
+    let stream = watcher::watcher(api, watcher::Config::default()).modify(trim);
     let stream = reflector::reflector(writer, stream);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
+        let mut backoff = WatchBackoff::new();
         while let Some(event) = stream.next().await {
+            if matches!(event, Ok(watcher::Event::InitDone)) {
+                backoff.synced();
+            }
+            let failed = event.is_err();
             shared.observe(kind, Observed::of(&event));
+            // The watcher retries when polled again: waiting here is the backoff.
+            if failed {
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
         }
     });
     store
@@ -406,16 +644,16 @@ pub fn spawn<H: Host + Send + Sync + 'static>(
         KeySecret::follow(client.clone(), secret, move || shared.wake.notify_one())
     });
     let egress_resource = crd::api_resource();
+    // In the order of KINDS.
     let stores = Stores {
-        services: reflect(Api::all(client.clone()), (), 0, shared.clone(), trim),
-        endpoint_slices: reflect(Api::all(client.clone()), (), 1, shared.clone(), trim),
-        nodes: reflect(Api::all(client.clone()), (), 2, shared.clone(), trim),
-        pods: reflect(Api::all(client.clone()), (), 3, shared.clone(), trim_pod),
-        namespaces: reflect(Api::all(client.clone()), (), 4, shared.clone(), trim),
+        services: reflect(Api::all(client.clone()), (), shared.clone(), trim),
+        endpoint_slices: reflect(Api::all(client.clone()), (), shared.clone(), trim),
+        nodes: reflect(Api::all(client.clone()), (), shared.clone(), trim),
+        pods: reflect(Api::all(client.clone()), (), shared.clone(), trim_pod),
+        namespaces: reflect(Api::all(client.clone()), (), shared.clone(), trim),
         egress_policies: reflect(
             Api::all_with(client.clone(), &egress_resource),
             egress_resource.clone(),
-            5,
             shared.clone(),
             trim,
         ),
@@ -428,7 +666,15 @@ pub fn spawn<H: Host + Send + Sync + 'static>(
         let mut addresses = IpamWrites::default();
         let mut converted = convert::ServiceCache::default();
         loop {
-            shared.wake.notified().await;
+            // A refused status write is tried again when its backoff ends, event or not.
+            let retry = [addresses.refusals.retry_at(), conditions.refusals.retry_at()]
+                .into_iter()
+                .flatten()
+                .min();
+            tokio::select! {
+                _ = shared.wake.notified() => {}
+                _ = tokio::time::sleep_until(retry.unwrap_or_else(tokio::time::Instant::now)), if retry.is_some() => {}
+            }
             let first = tokio::time::Instant::now();
             // Debounce: a burst of events makes one state.
             while first.elapsed() < MAX_DELAY {
@@ -454,6 +700,10 @@ pub fn spawn<H: Host + Send + Sync + 'static>(
             }
             let (allocations, ipam_problems) = ipam::allocate(&cluster, &objects.services);
             addresses.write(&client, &allocations).await;
+            // Writes only what differs from the objects (and what was refused before).
+            conditions
+                .write(&policies, &state.egress_verdicts, &objects.egress_policies)
+                .await;
             state.problems.extend(ipam_problems);
             state.problems.sort();
             if last.as_deref() == Some(&state) {
@@ -470,7 +720,6 @@ pub fn spawn<H: Host + Send + Sync + 'static>(
                     p.message
                 );
             }
-            conditions.write(&policies, &state.egress_verdicts).await;
             debug!(cluster = %cluster.name, services = state.desired.services.len(), "cluster state changed");
             let state = Arc::new(state);
             last = Some(state.clone());
@@ -501,18 +750,56 @@ async fn probe(client: Client, shared: Arc<Shared>) {
     }
 }
 
+/// Status writes the API refused with 403 (RBAC without the grant): tried again after a
+/// doubling delay, so granting the permission later takes effect without a restart. Logged
+/// once per refusal streak, and once when writes are allowed again.
+#[derive(Default)]
+struct Refusals {
+    /// When writes may be tried again, while refused.
+    until: Option<tokio::time::Instant>,
+    delay: Duration,
+}
+
+impl Refusals {
+    fn blocked(&self) -> bool {
+        self.retry_at().is_some()
+    }
+
+    /// When to try again, while that is still ahead.
+    fn retry_at(&self) -> Option<tokio::time::Instant> {
+        self.until.filter(|t| tokio::time::Instant::now() < *t)
+    }
+
+    /// A 403: returns whether this starts a streak (log it then).
+    fn refused(&mut self) -> bool {
+        let first = self.until.is_none();
+        self.delay = if first {
+            REFUSED_RETRY_MIN
+        } else {
+            (self.delay * 2).min(REFUSED_RETRY_MAX)
+        };
+        self.until = Some(tokio::time::Instant::now() + self.delay);
+        first
+    }
+
+    /// A write went through: returns whether it ends a streak.
+    fn allowed(&mut self) -> bool {
+        std::mem::take(self).until.is_some()
+    }
+}
+
 /// LB-IPAM's status writes: each allocation written once (the Service's watch event then
-/// brings the address back as its ingress), given up (logged once) where RBAC does not allow.
+/// brings the address back as its ingress); where RBAC does not allow them, tried again later.
 #[derive(Default)]
 struct IpamWrites {
     written: BTreeMap<ServiceName, IpAddr>,
-    forbidden: bool,
+    refusals: Refusals,
 }
 
 impl IpamWrites {
     async fn write(&mut self, client: &Client, allocations: &BTreeMap<ServiceName, IpAddr>) {
         self.written.retain(|name, _| allocations.contains_key(name));
-        if self.forbidden {
+        if self.refusals.blocked() {
             return;
         }
         for ((namespace, name), ip) in allocations {
@@ -527,12 +814,16 @@ impl IpamWrites {
                 .await
             {
                 Ok(_) => {
+                    if self.refusals.allowed() {
+                        info!("writing services/status is allowed now: LB-IPAM addresses are written");
+                    }
                     info!(service = %format!("{namespace}/{name}"), %ip, "allocated a VIP from address_pools");
                     self.written.insert(key, *ip);
                 }
                 Err(kube::Error::Api(e)) if e.code == 403 => {
-                    warn!("address_pools is set but RBAC does not allow writing services/status (config/rbac/gatewayd-ipam.yaml)");
-                    self.forbidden = true;
+                    if self.refusals.refused() {
+                        warn!("address_pools is set but RBAC does not allow writing services/status (config/rbac/gatewayd-ipam.yaml): {}; trying again with backoff up to {}s", e.message, REFUSED_RETRY_MAX.as_secs());
+                    }
                     return;
                 }
                 Err(e) => debug!(service = %format!("{namespace}/{name}"), "writing the VIP failed: {e}"),
@@ -542,48 +833,115 @@ impl IpamWrites {
 }
 
 /// The `Valid` condition gatewayd writes on each EgressGatewayPolicy: written when the verdict
-/// changes only, and given up (logged once) where RBAC does not allow it.
+/// differs from the object's own condition only (so a restart rewrites nothing), its
+/// `lastTransitionTime` changed only with its status; where RBAC does not allow the write,
+/// tried again later.
 #[derive(Default)]
 struct PolicyConditions {
     written: BTreeMap<String, Option<String>>,
-    forbidden: bool,
+    refusals: Refusals,
+}
+
+/// The condition for a verdict: `None` valid, or why not.
+fn valid_condition(verdict: &Option<String>) -> (&'static str, &'static str, &str) {
+    match verdict {
+        None => ("True", "Accepted", "programmed by gatewayd"),
+        Some(why) => ("False", "Invalid", why.as_str()),
+    }
 }
 
 impl PolicyConditions {
-    async fn write(&mut self, api: &Api<DynamicObject>, verdicts: &BTreeMap<String, Option<String>>) {
+    async fn write(
+        &mut self,
+        api: &Api<DynamicObject>,
+        verdicts: &BTreeMap<String, Option<String>>,
+        objects: &[Arc<DynamicObject>],
+    ) {
         self.written.retain(|name, _| verdicts.contains_key(name));
-        if self.forbidden {
+        if self.refusals.blocked() {
             return;
         }
         for (name, verdict) in verdicts {
             if self.written.get(name) == Some(verdict) {
                 continue;
             }
-            let (status, reason, message) = match verdict {
-                None => ("True", "Accepted", "programmed by gatewayd"),
-                Some(why) => ("False", "Invalid", why.as_str()),
+            let (status, reason, message) = valid_condition(verdict);
+            let current = objects
+                .iter()
+                .find(|o| o.metadata.name.as_deref() == Some(name.as_str()))
+                .and_then(|o| {
+                    o.data["status"]["conditions"]
+                        .as_array()?
+                        .iter()
+                        .find(|c| c["type"] == "Valid")
+                        .cloned()
+                });
+            let current_field = |field: &str| {
+                current
+                    .as_ref()
+                    .and_then(|c| c[field].as_str().map(str::to_owned))
+            };
+            if current_field("status").as_deref() == Some(status)
+                && current_field("reason").as_deref() == Some(reason)
+                && current_field("message").as_deref() == Some(message)
+            {
+                self.written.insert(name.clone(), verdict.clone());
+                continue;
+            }
+            // Kubernetes' convention: the time the status last changed, not the message.
+            let last_transition = match current_field("lastTransitionTime") {
+                Some(time) if current_field("status").as_deref() == Some(status) => time,
+                _ => k8s_openapi::jiff::Timestamp::now().to_string(),
             };
             let patch = serde_json::json!({"status": {"conditions": [{
                 "type": "Valid",
                 "status": status,
                 "reason": reason,
                 "message": message,
-                "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string(),
+                "lastTransitionTime": last_transition,
             }]}});
             match api
                 .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
             {
                 Ok(_) => {
+                    if self.refusals.allowed() {
+                        info!("writing EgressGatewayPolicy status is allowed now: verdicts are written");
+                    }
                     self.written.insert(name.clone(), verdict.clone());
                 }
                 Err(kube::Error::Api(e)) if e.code == 403 => {
-                    info!("not allowed to write EgressGatewayPolicy status (RBAC): verdicts are logged only");
-                    self.forbidden = true;
+                    if self.refusals.refused() {
+                        info!("not allowed to write EgressGatewayPolicy status (RBAC): verdicts are logged only; trying again with backoff up to {}s", REFUSED_RETRY_MAX.as_secs());
+                    }
                     return;
                 }
                 Err(e) => debug!(policy = %name, "writing the status failed: {e}"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 30 s outage logged hundreds of WARN lines, one per retry (issue #15): a problem is
+    /// said at once, then after a minute, then at doubling intervals.
+    #[tokio::test(start_paused = true)]
+    async fn a_lasting_problem_is_logged_at_growing_intervals() {
+        let mut reminder = Reminder::default();
+        let mut logged = Vec::new();
+        let start = tokio::time::Instant::now();
+        // A retry every second for an hour.
+        for _ in 0..3600 {
+            if reminder.due() {
+                logged.push(start.elapsed().as_secs());
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        assert_eq!(logged, [0, 60, 180, 420, 900, 1860]);
+        reminder.reset();
+        assert!(reminder.due(), "a new problem is said at once");
     }
 }
