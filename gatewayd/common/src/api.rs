@@ -116,12 +116,26 @@ pub struct ClusterSync {
     pub state: String,
     /// Seconds since a watch last delivered an event; `None` before the first.
     pub last_event_age_seconds: Option<u64>,
+    /// The error of a kind that fails now; `None` once every kind works again.
     pub last_error: Option<String>,
+    /// Each kind followed: a kind the server does not serve leaves the cluster `synced` but
+    /// its part of the state empty, and says what that means.
+    #[serde(default)]
+    pub kinds: Vec<KindSync>,
     /// What the cluster contributes, as last merged.
     pub services: usize,
     pub egress_policies: usize,
     pub peers: usize,
     pub identities: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KindSync {
+    pub kind: String,
+    pub api_version: String,
+    /// `listing`, `synced`, `not-served` or `failing`.
+    pub state: String,
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

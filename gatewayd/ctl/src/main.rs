@@ -377,8 +377,15 @@ fn print_status(s: &api::Status) {
             "  {:<12} id {:<4} {:<11} {age}; {} services, {} egress policies, {} peers, {} identities",
             c.name, c.id, c.state, c.services, c.egress_policies, c.peers, c.identities
         );
-        if let Some(e) = &c.last_error {
-            println!("    last error: {e}");
+        // Kinds that are not synced, each with what it means; the rest would be noise.
+        for k in c.kinds.iter().filter(|k| k.state != "synced") {
+            let error = k.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
+            println!("    {} {}: {}{error}", k.kind, k.api_version, k.state);
+        }
+        if c.kinds.is_empty() {
+            if let Some(e) = &c.last_error {
+                println!("    error: {e}");
+            }
         }
     }
 }

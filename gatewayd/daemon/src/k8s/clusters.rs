@@ -128,6 +128,16 @@ impl Clusters {
                     state: s.state.as_str().into(),
                     last_event_age_seconds: s.last_event.map(|t| t.elapsed().as_secs()),
                     last_error: s.last_error,
+                    kinds: s
+                        .kinds
+                        .into_iter()
+                        .map(|k| api::KindSync {
+                            kind: k.kind.into(),
+                            api_version: k.api_version,
+                            state: k.state.as_str().into(),
+                            error: k.error,
+                        })
+                        .collect(),
                     services: d.map_or(0, |d| d.services.len()),
                     egress_policies: d.map_or(0, |d| d.egress_policies.len()),
                     peers: d.map_or(0, |d| d.peers.len()),
