@@ -311,18 +311,19 @@ pub fn parse(text: &str, host: &dyn Host) -> Result<Config, Vec<ConfigError>> {
         Err(e) => {
             return Err(vec![ConfigError {
                 path: String::new(),
-                line: e.span().map(|s| line_of(text, s.start)),
+                line: e.span().map(|s| Lines::of(text).line(s.start)),
                 value: None,
                 message: format!("invalid TOML: {}", e.message()),
             }])
         }
     };
+    let lines = Lines::of(text);
     let locate = |mut e: ConfigError| {
-        e.line = span_of_path(&doc, &e.path).map(|s| line_of(text, s.start));
+        e.line = span_of_path(&doc, &e.path).map(|s| lines.line(s.start));
         e
     };
     let mut errors = Vec::new();
-    let raw = deserialize_reporting_unknown_keys(text, &doc, &mut errors);
+    let raw = deserialize_reporting_unknown_keys(text, &doc, &lines, &mut errors);
     if let Some(raw) = raw {
         match validate::validate(raw, host) {
             Ok(mut config) if errors.is_empty() => {
@@ -345,6 +346,7 @@ pub fn parse(text: &str, host: &dyn Host) -> Result<Config, Vec<ConfigError>> {
 fn deserialize_reporting_unknown_keys(
     text: &str,
     doc: &toml_edit::Document<&str>,
+    lines: &Lines,
     errors: &mut Vec<ConfigError>,
 ) -> Option<raw::RawConfig> {
     let mut unknown = Vec::new();
@@ -365,7 +367,7 @@ fn deserialize_reporting_unknown_keys(
             .replacen(", expected", &format!("{within}; expected"), 1);
         errors.push(ConfigError {
             path: String::new(),
-            line: span_of_path(doc, &key_path.to_string()).map(|s| line_of(text, s.start)),
+            line: span_of_path(doc, &key_path.to_string()).map(|s| lines.line(s.start)),
             value: None,
             message,
         });
@@ -376,7 +378,7 @@ fn deserialize_reporting_unknown_keys(
             let offset = err.span().map(|s| s.start);
             errors.push(ConfigError {
                 path: offset.map(|o| path_at(doc, o)).unwrap_or_default(),
-                line: offset.map(|o| line_of(text, o)),
+                line: offset.map(|o| lines.line(o)),
                 value: None,
                 message: err.message().to_owned(),
             });
@@ -515,12 +517,25 @@ fn known_keys(table: &[Segment]) -> &'static [&'static str] {
     found.get()
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())]
-        .bytes()
-        .filter(|&b| b == b'\n')
-        .count()
-        + 1
+/// Line numbers of byte offsets: the newlines are found once, so locating thousands of errors
+/// stays linear in the file.
+struct Lines(Vec<usize>);
+
+impl Lines {
+    fn of(text: &str) -> Lines {
+        Lines(
+            text.bytes()
+                .enumerate()
+                .filter(|(_, b)| *b == b'\n')
+                .map(|(i, _)| i)
+                .collect(),
+        )
+    }
+
+    /// The 1-based line of `offset`.
+    fn line(&self, offset: usize) -> usize {
+        self.0.partition_point(|&newline| newline < offset) + 1
+    }
 }
 
 /// Finds the span of `a.b[2].c` in the parsed document; where the path runs out (a key that
