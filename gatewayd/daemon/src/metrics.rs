@@ -449,7 +449,7 @@ impl Metrics {
             );
             // The kernel's XFRM error counters (CONFIG_XFRM_STATISTICS): the network
             // namespace's, not only gatewayd's states'.
-            if let Ok(text) = std::fs::read_to_string("/proc/net/xfrm_stat") {
+            if let Ok(text) = std::fs::read_to_string("/proc/self/net/xfrm_stat") {
                 let errors = Family::<XfrmErrorLabels, Counter>::default();
                 for (name, value) in text.lines().filter_map(|l| {
                     let mut f = l.split_whitespace();
