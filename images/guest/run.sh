@@ -163,6 +163,18 @@ boot_default_config() {
     [ "$(systemctl is-enabled gatewayd)" = enabled ]
 }
 
+# The unit's exposure as `systemd-analyze security` rates it (2.5 or lower: issue #15), printed
+# with the results. Every other check runs the daemon under this unit: a permission the
+# hardening takes away fails there.
+unit_security_exposure() {
+    systemd-analyze security --no-pager gatewayd
+    local score
+    score=$(systemd-analyze security --no-pager gatewayd |
+        sed -n 's/.*exposure level for gatewayd.service: \([0-9.]*\).*/\1/p')
+    echo "    systemd-analyze security gatewayd: ${score:-unknown}" >>"$RESULTS"
+    awk -v s="$score" 'BEGIN { exit !(s != "" && s <= 2.5) }' || fail "exposure ${score:-unknown} is above 2.5"
+}
+
 # --- systemd lifecycle ----------------------------------------------------------------------
 
 # Type=notify: the unit is "activating" while the daemon runs but has not sent READY=1, and
@@ -541,6 +553,7 @@ echo "guest: $(uname -r), up $(cut -d' ' -f1 /proc/uptime) s"
 setup=$?
 if [ $setup -eq 0 ]; then
     check boot_default_config boot_default_config
+    check unit_security_exposure unit_security_exposure
     check ready_only_after_attach ready_only_after_attach
     check reload_broken_config_keeps_state reload_broken_config_keeps_state
     check dsr_kernel_ipip_backends dsr_kernel_ipip_backends
