@@ -252,6 +252,8 @@ struct KindHealth {
     problem: Option<KindProblem>,
     /// Failed attempts since the kind last worked.
     attempts: u32,
+    /// The kind of problem last logged (not served, failing), until the kind works again.
+    reported: Option<std::mem::Discriminant<KindProblem>>,
     /// When the WARN about the current problem is due again.
     reminder: Reminder,
 }
@@ -350,6 +352,7 @@ impl Shared {
             relisting: false,
             problem: None,
             attempts: 0,
+            reported: None,
             reminder: Reminder::default(),
         });
         let mut status = self.status.lock().expect("status");
@@ -358,6 +361,7 @@ impl Shared {
     }
 
     fn observe(&self, kind: usize, event: Observed) {
+        let event_is_init = matches!(event, Observed::Init);
         let mut kinds = self.kinds.lock().expect("kinds");
         let mut status = self.status.lock().expect("status");
         let (name, without) = KINDS[kind];
@@ -374,7 +378,7 @@ impl Shared {
                 }
                 status.last_event = Some(Instant::now());
                 // A relist starting proves nothing yet: only its end or an event does.
-                if matches!(event, Observed::Init) {
+                if event_is_init {
                     k.problem.clone()
                 } else {
                     None
@@ -391,20 +395,22 @@ impl Shared {
             }
         };
         let cluster = &status.name;
-        match (&k.problem, &problem) {
-            (Some(_), None) => {
-                info!(cluster = %cluster, kind = name, "works again after {} failed attempts", k.attempts);
+        // A relist starting is neither an attempt that failed nor a recovery.
+        let attempt = !event_is_init;
+        match &problem {
+            None if attempt => {
+                if k.reported.take().is_some() {
+                    info!(cluster = %cluster, kind = name, "works again after {} failed attempts", k.attempts);
+                }
                 k.attempts = 0;
-                k.reminder.reset();
             }
-            (_, Some(p)) => {
-                let same_kind = k
-                    .problem
-                    .as_ref()
-                    .is_some_and(|old| std::mem::discriminant(old) == std::mem::discriminant(p));
-                if !same_kind {
-                    // A new problem: say it now; the same one only at growing intervals.
+            Some(p) if attempt => {
+                let kind = std::mem::discriminant(p);
+                if k.reported != Some(kind) {
+                    // A new problem: said now; the same one only at growing intervals (also
+                    // across the probe's optimistic resets, see `reachable`).
                     k.reminder.reset();
+                    k.reported = Some(kind);
                 }
                 k.attempts += 1;
                 if k.reminder.due() {
@@ -425,7 +431,7 @@ impl Shared {
                     }
                 }
             }
-            (None, None) => {}
+            _ => {}
         }
         k.problem = problem;
         Self::update_state(&kinds, &mut status);
