@@ -15,8 +15,8 @@
 //! - [`datapath`]: generic BPF plumbing: objects, pins, attachments, raw syscalls.
 //!
 //! The long-running process: [`daemon`] (composition and order of operations), [`control`]
-//! (`gatewayctl`), [`events`] (flow events), [`metrics`], [`logging`], and [`state_file`]
-//! (what the daemon keeps under `daemon.state_dir` across restarts), [`secret_file`] (key and
+//! (`gatewayctl`), [`events`] (flow events), [`metrics`], [`logging`], [`state_file`] (what
+//! the daemon keeps under `daemon.state_dir` across restarts), and [`secret_file`] (key and
 //! token files, read with one check of their mode).
 
 pub mod config;

@@ -1121,16 +1121,7 @@ kubeconfig = "/etc/gatewayd/prod.kubeconfig"
             (wireguard_peer("192.0.2.2:0"), "peers[0].endpoint", "needs a port"),
             ("[[clusters]]\nid = 1\nname = \"c\"\nkubeconfig = \"/k\"\naddress_pools = [\"224.1.0.0/24\"]\n".into(), "clusters[0].address_pools[0]", "multicast"),
         ];
-        for vip in [
-            "0.0.0.0",
-            "::",
-            "224.0.0.1",
-            "ff02::1",
-            "255.255.255.255",
-            "127.0.0.1",
-            "::1",
-            "240.0.0.1",
-        ] {
+        for vip in crate::model::checks::UNUSABLE_VIPS {
             cases.push((service(vip, "10.1.0.1"), "services[0].vip", "a VIP cannot be"));
         }
         for (text, path, wanted) in &cases {

@@ -776,6 +776,10 @@ mod tests {
     }
 
     fn converted() -> ClusterState {
+        convert_objects(&objects())
+    }
+
+    fn convert_objects(objects: &ClusterObjects) -> ClusterState {
         let cluster = cluster();
         convert(
             &Context {
@@ -783,7 +787,7 @@ mod tests {
                 egress_interface: Some("eth0"),
                 host: &TestHost,
             },
-            &objects(),
+            objects,
             &mut ServiceCache::default(),
         )
     }
@@ -1031,16 +1035,7 @@ mod tests {
             egress_policies: vec![policy],
             ..Default::default()
         };
-        let cluster = cluster();
-        let state = convert(
-            &Context {
-                cluster: &cluster,
-                egress_interface: Some("eth0"),
-                host: &TestHost,
-            },
-            &objects,
-            &mut ServiceCache::default(),
-        );
+        let state = convert_objects(&objects);
         let served: Vec<(String, Vec<String>)> = state
             .desired
             .services
