@@ -34,4 +34,14 @@ mod pod {
     unsafe impl aya::Pod for EgressSettingsEntry {}
     unsafe impl aya::Pod for NatEntry {}
     unsafe impl aya::Pod for EgressCounters {}
+
+    // lpm_key_layout! in maps.rs describes an LPM key as aya writes it: the u32 prefix length
+    // right before the data, nothing in between or after.
+    const _: () = {
+        use aya::maps::lpm_trie::Key;
+        use std::mem::size_of;
+        assert!(size_of::<Key<SourceRangeData>>() == 4 + size_of::<SourceRangeData>());
+        assert!(size_of::<Key<EgressDstData>>() == 4 + size_of::<EgressDstData>());
+        assert!(size_of::<Key<EgressSrcData>>() == 4 + size_of::<EgressSrcData>());
+    };
 }

@@ -1,7 +1,11 @@
-//! `#[repr(C)]` mirrors of `xdp/include/gatewayd_maps.h`.
+//! `#[repr(C)]` mirrors of `xdp/include/gatewayd_maps.h`, the contract between the datapath and
+//! userspace: its structs, and its enums as constants.
 //!
-//! Sizes are asserted at compile time here and in the C header; the daemon's tests also compare
-//! field offsets against the BTF of the compiled objects, so the two sides cannot drift.
+//! Struct sizes are asserted at compile time on both sides (a `const` assert here,
+//! `_Static_assert` in the C header). The daemon's BTF test
+//! (`rust_map_types_match_the_btf_of_the_objects`) compares [`layouts`] (every struct's size
+//! and field offsets) and [`enums`] (every enum's enumerators: names, values, order) with the
+//! BTF of the compiled objects, so the two sides cannot drift.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -24,6 +28,12 @@ pub const BACKEND_MAINTENANCE: u8 = 3;
 
 pub const SOURCE_RANGE_PREFIX_BITS: u32 = 64;
 
+/// Seeds of the datapath's flow hash (lookup3, `xdp/include/lib/hash.h`): the balancer's
+/// (Maglev slot, outer source bits, GUE source port, IPv6 flow label) and the egress NAT's port
+/// choice. Fixed, so every gateway hashes a flow alike and userspace can reproduce it.
+pub const HASH_SEED: u32 = 0x6764_7762;
+pub const NAT_SEED: u32 = 0x6764_6e74;
+
 /// Default capacities (the C defaults; the daemon overrides them from the config).
 pub const MAX_SERVICES: u32 = 65536;
 pub const MAX_BACKENDS: u32 = 65536;
@@ -31,7 +41,8 @@ pub const MAX_LB_FLOWS: u32 = 1_048_576;
 pub const MAX_AFFINITY: u32 = 262_144;
 pub const MAX_SOURCE_RANGES: u32 = 65536;
 
-/// Names of the `gd_reasons` slots, in `GD_REASON_*` order.
+/// Names of the `gd_reasons` slots, in `enum gd_reason` order: each is its enumerator's name
+/// without `GD_REASON_`, lower case (checked against the objects' BTF).
 pub const REASON_NAMES: [&str; 20] = [
     "non_vip_pass",
     "malformed_pass",
@@ -353,6 +364,20 @@ pub fn layouts() -> Vec<StructLayout> {
             }
         };
     }
+    // An LPM trie key as userspace writes it: aya's `lpm_trie::Key` (packed: the u32 prefix
+    // length, then the data) around the mirror of the fields after `prefixlen`.
+    macro_rules! lpm_key_layout {
+        ($c:literal, $t:ty, [$($f:ident),*]) => {
+            StructLayout {
+                c_name: $c,
+                size: size_of::<u32>() + size_of::<$t>(),
+                fields: vec![
+                    ("prefixlen", 0),
+                    $((stringify!($f), size_of::<u32>() + offset_of!($t, $f))),*
+                ],
+            }
+        };
+    }
     vec![
         layout!("gd_vip_key", VipKey, [addr, port, proto, family]),
         layout!(
@@ -432,8 +457,88 @@ pub fn layouts() -> Vec<StructLayout> {
                 nat_failures
             ]
         ),
+        lpm_key_layout!(
+            "gd_source_range_key",
+            SourceRangeData,
+            [service_id, family, pad, addr]
+        ),
+        lpm_key_layout!("gd_egress_dst_key", EgressDstData, [family, pad, addr]),
+        lpm_key_layout!("gd_egress_src_key", EgressSrcData, [policy_id, family, pad, addr]),
     ]
 }
+
+/// The C enums of the contract, each with the Rust constants that mirror it, in declaration
+/// order, for the BTF drift test. An enumerator `GD_X` is mirrored by the constant `X`.
+pub fn enums() -> Vec<EnumContract> {
+    macro_rules! mirror {
+        ($c:literal, [$($name:ident),*]) => {
+            EnumContract {
+                c_name: $c,
+                enumerators: vec![$((concat!("GD_", stringify!($name)).to_string(), $name as u64)),*],
+            }
+        };
+    }
+    let mut reasons: Vec<(String, u64)> = REASON_NAMES
+        .iter()
+        .enumerate()
+        .map(|(i, name)| (format!("GD_REASON_{}", name.to_uppercase()), i as u64))
+        .collect();
+    reasons.push(("GD_REASON_MAX".to_string(), u64::from(REASON_MAX)));
+    vec![
+        mirror!("gd_family", [FAMILY_INET, FAMILY_INET6]),
+        mirror!(
+            "gd_limit",
+            [
+                MAX_SERVICES,
+                MAX_BACKENDS,
+                MAX_LB_FLOWS,
+                MAX_AFFINITY,
+                MAX_SOURCE_RANGES,
+                MAX_EGRESS_POLICIES,
+                MAX_EGRESS_PREFIXES,
+                MAX_EGRESS_SOURCES,
+                MAX_EGRESS_ADDRS,
+                MAX_NAT_ENTRIES,
+                EGRESS_MAX_CANDIDATES
+            ]
+        ),
+        mirror!(
+            "gd_lpm_prefix_bits",
+            [
+                SOURCE_RANGE_PREFIX_BITS,
+                EGRESS_DST_PREFIX_BITS,
+                EGRESS_SRC_PREFIX_BITS
+            ]
+        ),
+        mirror!("gd_hash_seed", [HASH_SEED, NAT_SEED]),
+        mirror!("gd_service_flag", [SVC_F_SOURCE_RANGES, SVC_F_AFFINITY]),
+        mirror!("gd_encap_type", [ENCAP_IPIP, ENCAP_GUE]),
+        mirror!(
+            "gd_backend_state",
+            [
+                BACKEND_UNUSED,
+                BACKEND_ACTIVE,
+                BACKEND_TERMINATING,
+                BACKEND_MAINTENANCE
+            ]
+        ),
+        mirror!("gd_lb_flag", [LB_F_KERNEL_ROUTE]),
+        EnumContract {
+            c_name: "gd_reason",
+            enumerators: reasons,
+        },
+        mirror!("gd_event_kind", [EVENT_LB_NEW_FLOW, EVENT_DROP]),
+        mirror!("gd_nat_dir", [NAT_DIR_ORIGINAL, NAT_DIR_REPLY]),
+        mirror!(
+            "gd_nat_state",
+            [NAT_OPEN, NAT_TCP_SYN_SENT, NAT_TCP_ESTABLISHED, NAT_TCP_CLOSING]
+        ),
+    ]
+}
+
+/// Structs of the objects' BTF that userspace neither reads nor writes: the datapath's own
+/// next-hop cache, the Maglev inner-map template and the anchor that puts the enums in BTF.
+pub const DATAPATH_ONLY_STRUCTS: [&str; 3] = ["gd_nexthop", "gd_maglev_inner", "gd_contract"];
 
 /// Size and field offsets of one `#[repr(C)]` mirror.
 #[derive(Debug)]
@@ -441,6 +546,13 @@ pub struct StructLayout {
     pub c_name: &'static str,
     pub size: usize,
     pub fields: Vec<(&'static str, usize)>,
+}
+
+/// One C enum and the values of its enumerators, by name, in declaration order.
+#[derive(Debug)]
+pub struct EnumContract {
+    pub c_name: &'static str,
+    pub enumerators: Vec<(String, u64)>,
 }
 
 #[cfg(test)]

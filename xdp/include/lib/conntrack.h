@@ -13,14 +13,13 @@
 #include "lib/nat.h"
 
 /*
- * Seed of the port hash. Fixed, like GD_HASH_SEED, so that every gateway derives the same port
- * from the same flow: a standby that takes over the egress address translates a flow it has
- * never seen exactly as the failed gateway did, and the flow survives (unless the standby
- * already holds another flow on that port). Distinct from GD_HASH_SEED so that the ports do
- * not correlate with load-balancer choices.
+ * Ports tried for a new flow before it is dropped as GD_REASON_NAT_EXHAUSTED_DROP. Every
+ * candidate derives from the flow hash with GD_NAT_SEED (gatewayd_maps.h), fixed like
+ * GD_HASH_SEED so that every gateway derives the same port from the same flow: a standby that
+ * takes over the egress address translates a flow it has never seen exactly as the failed
+ * gateway did, and the flow survives (unless the standby already holds another flow on that
+ * port).
  */
-#define GD_NAT_SEED 0x67646e74 /* "gdnt" */
-/* Ports tried for a new flow before it is dropped as GD_REASON_NAT_EXHAUSTED_DROP. */
 #define GD_NAT_PROBES 32
 /* Both halves of a flow are rewritten at most this often (and on TCP state changes). */
 #define GD_NAT_REFRESH_NS 1000000000ULL

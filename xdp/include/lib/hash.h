@@ -10,7 +10,7 @@
 
 /*
  * Flow hash: Bob Jenkins' lookup3 exactly as the kernel's jhash_3words()/jhash2() compute it
- * (include/linux/jhash.h), over the client 5-tuple, with a fixed seed.
+ * (include/linux/jhash.h), over the client 5-tuple, with a fixed seed (enum gd_hash_seed).
  *
  * - IPv4: jhash_3words(src, dst, ports, GD_HASH_SEED + proto)
  * - IPv6: jhash2({src[0..3], dst[0..3], ports, proto}, 10, GD_HASH_SEED)
@@ -21,7 +21,6 @@
  * moves a flow to another gateway (gateway added/removed) it still reaches the same backend.
  * Userspace can reproduce the hash to answer "where would this flow go".
  */
-#define GD_HASH_SEED 0x67647762 /* "gdwb" */
 #define GD_JHASH_INITVAL 0xdeadbeef
 
 #define gd_jhash_mix(a, b, c)                                                                     \

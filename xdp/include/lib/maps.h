@@ -45,12 +45,6 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } gd_observe SEC(".maps");
 
-/*
- * Only map key/value types reach an object's BTF, not the types of locals: this read-only
- * global puts the event layout there too, so the Rust mirror is checked against it.
- */
-const volatile struct gd_flow_event gd_flow_event_layout __attribute__((used));
-
 /* Reports a flow event if someone is observing. */
 static __always_inline void gd_emit_event(__u8 kind, __u16 reason, const struct gd_flow_key *key,
 					  __u32 service_id, __u32 backend_id, __u64 bytes)

@@ -26,8 +26,10 @@ mod tests {
     use gatewayd_common::map_names;
     use std::collections::BTreeSet;
 
-    /// The Rust mirrors must match the C structs the compiler laid out: compare every size and
-    /// field offset with the BTF of the embedded objects (read with bpftool).
+    /// The Rust mirrors must match the contract the compiler laid out (gatewayd_maps.h), read
+    /// from the BTF of the embedded objects with bpftool: every mirrored struct's size and field
+    /// offsets, every enum's enumerators (names, values, order: a reordered `gd_reason` would
+    /// relabel the metrics), and nothing in the contract without a mirror.
     #[test]
     fn rust_map_types_match_the_btf_of_the_objects() {
         let dir = std::env::temp_dir().join(format!("gatewayd-btf-{}", std::process::id()));
@@ -46,12 +48,17 @@ mod tests {
             types.extend(json["types"].as_array().unwrap().iter().cloned());
         }
         std::fs::remove_dir_all(&dir).unwrap();
-
-        for layout in gatewayd_common::maps::layouts() {
-            let ty = types
+        let named = |kind: &str, name: &str| {
+            types
                 .iter()
-                .find(|t| t["kind"] == "STRUCT" && t["name"] == layout.c_name)
-                .unwrap_or_else(|| panic!("struct {} not in the objects' BTF", layout.c_name));
+                .find(|t| t["kind"] == kind && t["name"] == name)
+                .unwrap_or_else(|| panic!("{kind} {name} not in the objects' BTF"))
+        };
+        let layouts = gatewayd_common::maps::layouts();
+        let enums = gatewayd_common::maps::enums();
+
+        for layout in &layouts {
+            let ty = named("STRUCT", layout.c_name);
             assert_eq!(
                 ty["size"].as_u64().unwrap() as usize,
                 layout.size,
@@ -76,6 +83,43 @@ mod tests {
                     "{}.{field}",
                     layout.c_name
                 );
+            }
+        }
+
+        for contract in &enums {
+            let ty = named("ENUM", contract.c_name);
+            let in_c: Vec<(String, u64)> = ty["values"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| {
+                    (
+                        v["name"].as_str().unwrap().to_string(),
+                        v["val"].as_u64().unwrap(),
+                    )
+                })
+                .collect();
+            assert_eq!(in_c, contract.enumerators, "enum {}", contract.c_name);
+        }
+
+        // The other way round: every gd_ struct and enum of the objects has a mirror (or is
+        // the datapath's own), so a new one cannot be left out of the checks above.
+        for t in &types {
+            let name = t["name"].as_str().unwrap_or_default();
+            if !name.starts_with("gd_") {
+                continue;
+            }
+            match t["kind"].as_str().unwrap() {
+                "STRUCT" => assert!(
+                    layouts.iter().any(|l| l.c_name == name)
+                        || gatewayd_common::maps::DATAPATH_ONLY_STRUCTS.contains(&name),
+                    "struct {name} is in the objects but has no mirror in gatewayd_common::maps"
+                ),
+                "ENUM" => assert!(
+                    enums.iter().any(|e| e.c_name == name),
+                    "enum {name} is in the objects but has no mirror in gatewayd_common::maps"
+                ),
+                _ => {}
             }
         }
     }
