@@ -8,8 +8,12 @@
  * answer goes straight back to the client (direct server return). This replaces the ipip /
  * ip6_tunnel / fou modules, which need not be loaded. Anything else is left untouched.
  */
+#include "gatewayd_maps.h"
 #include "lib/common.h"
-#include "lib/maps.h"
+#include "lib/ctx.h"
+#include "lib/parse.h"
+#include "lib/proto.h"
+#include "lib/report.h"
 
 /*
  * UDP destination port of GUE tunnels, network byte order; 0 disables GUE decapsulation.
@@ -42,123 +46,70 @@ static __always_inline int gd_is_local(struct __sk_buff *skb, __u8 family, const
 	return rc == BPF_FIB_LKUP_RET_NOT_FWDED || rc == BPF_FIB_LKUP_RET_FWD_DISABLED;
 }
 
-/* Make the first `len` bytes linear so they can be read with direct packet access. */
-static __always_inline int gd_skb_linear(struct __sk_buff *skb, __u32 len)
+/*
+ * The family of the packet a parsed frame tunnels to this program (0: not a tunnel of ours),
+ * and the length of the outer headers after the MAC header. IPIP is recognised by protocol
+ * number (4 carries IPv4, 41 IPv6), GUE variant 1 by the UDP port; either way the inner
+ * version nibble must agree.
+ */
+static __always_inline __u8 gd_tunnel_inner_family(struct __sk_buff *skb, const struct gd_pkt *pkt,
+						    int parsed, __u32 *outer_len)
 {
-	if ((void *)(long)skb->data + len <= (void *)(long)skb->data_end)
+	__u8 family, *inner, *data_end;
+	__u32 off = pkt->l4_off;
+
+	/* The outer header is sent with DF: a fragment cannot be decapsulated alone. */
+	if (pkt->frag != GD_FRAG_NONE)
 		return 0;
-	if (len > skb->len)
-		return -1;
-	return bpf_skb_pull_data(skb, len);
+	if (parsed == GD_PARSE_L3 && pkt->key.proto == IPPROTO_IPIP) {
+		family = GD_FAMILY_INET;
+	} else if (parsed == GD_PARSE_L3 && pkt->key.proto == IPPROTO_IPV6) {
+		family = GD_FAMILY_INET6;
+	} else if (parsed == GD_PARSE_L4 && gue_port && pkt->key.dport == gue_port) {
+		/* GUE variant 1: the payload is a bare IP packet, its version says which. */
+		family = 0;
+		off += sizeof(struct udphdr);
+	} else {
+		return 0;
+	}
+	/* Bounded for the verifier: Ethernet, IPv4 with options (or IPv6 + Fragment), UDP. */
+	if (off > ETH_HLEN + GD_IPV4_HDR_MAX + sizeof(struct udphdr))
+		return 0;
+	inner = gd_ctx_data(skb) + off;
+	data_end = gd_ctx_data_end(skb);
+	if (inner + 1 > data_end)
+		return 0;
+	if (!family)
+		family = *inner >> 4 == 4 ? GD_FAMILY_INET : *inner >> 4 == 6 ? GD_FAMILY_INET6 : 0;
+	else if (*inner >> 4 != family)
+		return 0; /* GD_FAMILY_* are the IP version numbers */
+	*outer_len = off - pkt->l3_off;
+	return family;
 }
 
 SEC("classifier")
 int gatewayd_decap(struct __sk_buff *skb)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	__u8 outer_family, inner_family = 0, dst[16];
-	__u32 outer_len, pkt_len = skb->len;
 	__u64 flags = BPF_F_ADJ_ROOM_FIXED_GSO;
-	__be16 inner_proto;
+	__u8 inner_family;
+	struct ethhdr *eth;
+	struct gd_pkt pkt;
+	__u32 outer_len;
+	int parsed;
 
 	/* Multicast/broadcast/other-host frames are never tunnel traffic for this host. */
 	if (skb->pkt_type != PACKET_HOST)
 		return TC_ACT_OK;
-	if ((void *)(eth + 1) > data_end)
+	/* Only the GUE header (UDP) is read: IPIP ends the parse at the outer IP header. */
+	parsed = gd_parse(skb, &pkt, GD_PARSE_UDP);
+	if (parsed != GD_PARSE_L3 && parsed != GD_PARSE_L4)
 		return TC_ACT_OK;
-
-	/*
-	 * Worst case headers: Ethernet + IPv6 + UDP + inner IPv6 = 14 + 40 + 8 + 40. Pulled only
-	 * for IP frames, and only when the driver left them in fragments.
-	 */
-	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
-		struct iphdr *iph;
-
-		if (gd_skb_linear(skb, sizeof(*eth) + sizeof(*iph)))
-			return TC_ACT_OK;
-		data = (void *)(long)skb->data;
-		data_end = (void *)(long)skb->data_end;
-		iph = data + sizeof(*eth);
-		if ((void *)(iph + 1) > data_end)
-			return TC_ACT_OK;
-		if (iph->version != 4 || iph->ihl < 5)
-			return TC_ACT_OK;
-		/* A fragment cannot be decapsulated alone; the outer header is sent with DF. */
-		if (iph->frag_off & bpf_htons(IP_MF | IP_OFFSET))
-			return TC_ACT_OK;
-		outer_family = GD_FAMILY_INET;
-		outer_len = iph->ihl * 4;
-		*(__be32 *)dst = iph->daddr;
-		if (iph->protocol == IPPROTO_IPIP)
-			inner_family = GD_FAMILY_INET;
-		else if (iph->protocol == IPPROTO_IPV6)
-			inner_family = GD_FAMILY_INET6;
-		else if (iph->protocol == IPPROTO_UDP && gue_port)
-			outer_len += sizeof(struct udphdr);
-		else
-			return TC_ACT_OK;
-	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-		struct ipv6hdr *ip6;
-
-		if (gd_skb_linear(skb, sizeof(*eth) + sizeof(*ip6)))
-			return TC_ACT_OK;
-		data = (void *)(long)skb->data;
-		data_end = (void *)(long)skb->data_end;
-		ip6 = data + sizeof(*eth);
-		if ((void *)(ip6 + 1) > data_end)
-			return TC_ACT_OK;
-		outer_family = GD_FAMILY_INET6;
-		outer_len = sizeof(*ip6);
-		__builtin_memcpy(dst, &ip6->daddr, 16);
-		/* Extension headers (fragments included) are not produced by gatewayd_lb. */
-		if (ip6->nexthdr == IPPROTO_IPIP)
-			inner_family = GD_FAMILY_INET;
-		else if (ip6->nexthdr == IPPROTO_IPV6)
-			inner_family = GD_FAMILY_INET6;
-		else if (ip6->nexthdr == IPPROTO_UDP && gue_port)
-			outer_len += sizeof(struct udphdr);
-		else
-			return TC_ACT_OK;
-	} else {
+	inner_family = gd_tunnel_inner_family(skb, &pkt, parsed, &outer_len);
+	if (!inner_family)
 		return TC_ACT_OK;
-	}
-
-	/* Outer header + the first byte of the inner one (its version). */
-	if (outer_len > 60 + sizeof(struct udphdr))
-		return TC_ACT_OK;
-	if (gd_skb_linear(skb, sizeof(*eth) + outer_len + 1))
-		return TC_ACT_OK;
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-
-	if (!inner_family) {
-		/* GUE candidate: our port, and variant 1 (the payload is a bare IP packet). */
-		struct udphdr *uh = data + sizeof(*eth) + outer_len - sizeof(*uh);
-		__u8 *inner = (void *)(uh + 1);
-
-		if ((void *)(inner + 1) > data_end)
-			return TC_ACT_OK;
-		if (uh->dest != gue_port)
-			return TC_ACT_OK;
-		if ((*inner >> 4) == 4)
-			inner_family = GD_FAMILY_INET;
-		else if ((*inner >> 4) == 6)
-			inner_family = GD_FAMILY_INET6;
-		else
-			return TC_ACT_OK; /* GUE variant 0 or something else on that port */
-	} else {
-		__u8 *inner = data + sizeof(*eth) + outer_len;
-
-		if ((void *)(inner + 1) > data_end)
-			return TC_ACT_OK;
-		if ((*inner >> 4) != (inner_family == GD_FAMILY_INET ? 4 : 6))
-			return TC_ACT_OK;
-	}
 
 	/* The outer destination must be this host: a router in the path leaves tunnels alone. */
-	if (!gd_is_local(skb, outer_family, dst))
+	if (!gd_is_local(skb, pkt.key.family, pkt.key.dst))
 		return TC_ACT_OK;
 
 	/*
@@ -168,22 +119,20 @@ int gatewayd_decap(struct __sk_buff *skb)
 	 * skb->protocol; bpf_skb_change_proto() is not used because it also resizes the header
 	 * room (it is meant for NAT64-style translation), which is wrong here.
 	 */
-	inner_proto = inner_family == GD_FAMILY_INET ? bpf_htons(ETH_P_IP) : bpf_htons(ETH_P_IPV6);
-	if (inner_family != outer_family)
+	if (inner_family != pkt.key.family)
 		flags |= inner_family == GD_FAMILY_INET ? BPF_F_ADJ_ROOM_DECAP_L3_IPV4
 							: BPF_F_ADJ_ROOM_DECAP_L3_IPV6;
 	if (bpf_skb_adjust_room(skb, -(__s32)outer_len, BPF_ADJ_ROOM_MAC, flags))
 		return TC_ACT_OK;
 
-	if (inner_family != outer_family) {
+	if (inner_family != pkt.key.family) {
 		/* The stack goes by skb->protocol, but captures and later hooks read the frame. */
-		data = (void *)(long)skb->data;
-		data_end = (void *)(long)skb->data_end;
-		eth = data;
-		if ((void *)(eth + 1) <= data_end)
-			eth->h_proto = inner_proto;
+		eth = gd_ctx_data(skb);
+		if ((void *)(eth + 1) <= gd_ctx_data_end(skb))
+			eth->h_proto = inner_family == GD_FAMILY_INET ? bpf_htons(ETH_P_IP)
+								      : bpf_htons(ETH_P_IPV6);
 	}
-	gd_count_reason(GD_REASON_DECAP, pkt_len);
+	gd_count_reason(GD_REASON_DECAP, pkt.len);
 	return TC_ACT_OK;
 }
 

@@ -12,16 +12,18 @@
  * selects, and excluded destinations, pass untouched. What happened to packets that were not
  * simply translated or passed is counted in gd_reasons; see xdp/README.md.
  */
+#include "gatewayd_maps.h"
 #include "lib/common.h"
-#include "lib/maps.h"
-
-#ifndef TC_ACT_SHOT
-#define TC_ACT_SHOT 2
-#endif
+#include "lib/conntrack.h"
+#include "lib/nat.h"
+#include "lib/parse.h"
+#include "lib/proto.h"
+#include "lib/report.h"
 
 /*
- * Maps. All pinned by name: a restarted daemon adopts them, so NAT mappings survive restarts.
- * max_entries are defaults: userspace sets them from its configuration at load time.
+ * The policy maps (the NAT table is in lib/conntrack.h). All pinned by name: a restarted
+ * daemon adopts them. max_entries are defaults: userspace sets them from its configuration at
+ * load time.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -58,22 +60,6 @@ struct {
 } gd_egress_addrs SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__type(key, __u32);
-	__type(value, struct gd_egress_settings);
-	__uint(max_entries, 1);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} gd_egress_cfg SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, struct gd_flow_key);
-	__type(value, struct gd_nat_entry);
-	__uint(max_entries, GD_MAX_NAT_ENTRIES);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} gd_nat SEC(".maps");
-
-struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);
 	__type(value, struct gd_egress_counters);
@@ -81,9 +67,6 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } gd_egress_stats SEC(".maps");
 
-#include "lib/csum.h"
-#include "lib/nat.h"
-#include "lib/conntrack.h"
 
 static __always_inline struct gd_egress_counters *gd_egress_counters(__u32 policy_id)
 {
@@ -155,7 +138,7 @@ static __always_inline const struct gd_egress_policy *gd_egress_policy(__u32 pol
  * first fragment only, which went through the conntrack), anything else selected by a policy
  * cannot be translated and is counted.
  */
-static __always_inline int gd_snat_stateless(struct __sk_buff *skb, const struct gd_nat_pkt *p,
+static __always_inline int gd_snat_stateless(struct __sk_buff *skb, const struct gd_pkt *p,
 					     int kind)
 {
 	const struct gd_egress_policy *pol;
@@ -182,19 +165,20 @@ static __always_inline int gd_snat_stateless(struct __sk_buff *skb, const struct
  * arriving (reply) it goes back to the pod, sent by a pod it leaves from the egress address.
  * Returns 1 when translated, 0 when it quotes no live flow, -1 when malformed.
  */
-static __always_inline int gd_nat_icmp_error(struct __sk_buff *skb, const struct gd_nat_pkt *p,
+static __always_inline int gd_nat_icmp_error(struct __sk_buff *skb, const struct gd_pkt *p,
 					     int reply)
 {
 	const struct gd_nat_entry *e;
-	struct gd_nat_quote q;
+	struct gd_flow_key key;
+	struct gd_quote q;
 	int rc;
 
-	rc = gd_nat_parse_quote(skb, p, &q, reply);
+	rc = gd_nat_parse_quote(skb, p, &q, &key, reply);
 	if (rc == GD_NAT_MALFORMED)
 		return -1;
 	if (rc != GD_NAT_ICMP_ERROR)
 		return 0;
-	e = bpf_map_lookup_elem(&gd_nat, &q.key);
+	e = bpf_map_lookup_elem(&gd_nat, &key);
 	if (!e || e->dir != (reply ? GD_NAT_DIR_REPLY : GD_NAT_DIR_ORIGINAL) ||
 	    bpf_ktime_get_coarse_ns() > e->expires_ns)
 		return 0;
@@ -209,7 +193,7 @@ static __always_inline int gd_nat_icmp_error(struct __sk_buff *skb, const struct
 }
 
 /* A new flow: policy, port, both NAT entries, then the translation. */
-static __always_inline int gd_snat_new(struct __sk_buff *skb, const struct gd_nat_pkt *p, __u64 now)
+static __always_inline int gd_snat_new(struct __sk_buff *skb, const struct gd_pkt *p, __u64 now)
 {
 	const struct gd_egress_settings *s;
 	const struct gd_egress_policy *pol;
@@ -259,7 +243,7 @@ SEC("classifier")
 int gatewayd_snat(struct __sk_buff *skb)
 {
 	struct gd_nat_entry *e;
-	struct gd_nat_pkt p;
+	struct gd_pkt p;
 	__u64 now;
 	__u8 state;
 	int kind, rc;
@@ -299,7 +283,7 @@ int gatewayd_snat(struct __sk_buff *skb)
 }
 
 /* Nothing to translate back: counted if it was addressed to an egress address. */
-static __always_inline int gd_rnat_miss(const struct gd_nat_pkt *p)
+static __always_inline int gd_rnat_miss(const struct gd_pkt *p)
 {
 	struct gd_egress_addr_key a = {};
 
@@ -314,7 +298,7 @@ SEC("classifier")
 int gatewayd_rnat(struct __sk_buff *skb)
 {
 	struct gd_nat_entry *e;
-	struct gd_nat_pkt p;
+	struct gd_pkt p;
 	__u64 now;
 	__u8 state;
 	int kind, rc;

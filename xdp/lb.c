@@ -8,108 +8,16 @@
  * What happened to packets that were not simply forwarded is counted in gd_reasons (see
  * GD_REASON_* in gatewayd_maps.h and README.md).
  */
+#include "gatewayd_maps.h"
 #include "lib/common.h"
-#include "lib/maps.h"
-
-/*
- * Maps. All pinned by name: a restarted daemon adopts them, so flows survive restarts.
- * max_entries are defaults: userspace sets them from its configuration at load time.
- */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__type(key, struct gd_vip_key);
-	__type(value, struct gd_service);
-	__uint(max_entries, GD_MAX_SERVICES);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} gd_services SEC(".maps");
-
-/*
- * Template for the per-service Maglev tables. BPF_F_INNER_MAP lets inner arrays of any
- * max_entries be inserted (each service table has its own prime size); BPF_F_MMAPABLE lets
- * userspace fill a table with one copy. Inner maps must be created with the same type,
- * key/value sizes and flags (0x1400) or the insert is refused.
- */
-struct gd_maglev_inner {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(map_flags, BPF_F_INNER_MAP | BPF_F_MMAPABLE);
-	__type(key, __u32);
-	__type(value, __u32);
-	__uint(max_entries, GD_MAGLEV_DEFAULT_SIZE + 1);
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
-	/* Sizes, not BTF types: the kernel rejects BTF key/value types on map-in-map. */
-	__uint(key_size, sizeof(__u32));   /* service_id */
-	__uint(value_size, sizeof(__u32)); /* inner map fd (userspace) / id (read back) */
-	__uint(max_entries, GD_MAX_SERVICES);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-	__array(values, struct gd_maglev_inner);
-} gd_maglev SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__type(key, __u32);
-	__type(value, struct gd_backend);
-	__uint(max_entries, GD_MAX_BACKENDS);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} gd_backends SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, struct gd_flow_key);
-	__type(value, struct gd_lb_flow);
-	__uint(max_entries, GD_MAX_LB_FLOWS);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} gd_lb_flows SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, struct gd_affinity_key);
-	__type(value, struct gd_affinity);
-	__uint(max_entries, GD_MAX_AFFINITY);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} gd_lb_affinity SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__type(key, struct gd_source_range_key);
-	__type(value, __u8);
-	__uint(max_entries, GD_MAX_SOURCE_RANGES);
-	__uint(map_flags, BPF_F_NO_PREALLOC); /* required for LPM tries */
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} gd_src_ranges SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__type(key, __u32);
-	__type(value, struct gd_lb_settings);
-	__uint(max_entries, 1);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} gd_lb_settings SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__type(key, __u32);
-	__type(value, struct gd_traffic_counters);
-	__uint(max_entries, GD_MAX_SERVICES);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} gd_svc_stats SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__type(key, __u32);
-	__type(value, struct gd_traffic_counters);
-	__uint(max_entries, GD_MAX_BACKENDS);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} gd_be_stats SEC(".maps");
-
-#include "lib/parse.h"
-#include "lib/csum.h"
-#include "lib/lb.h"
+#include "lib/ctx.h"
 #include "lib/encap.h"
 #include "lib/fib.h"
+#include "lib/hash.h"
 #include "lib/icmp.h"
+#include "lib/lb.h"
+#include "lib/parse.h"
+#include "lib/report.h"
 
 /*
  * Lifetime of a cached next hop toward a backend, in milliseconds; 0 = bpf_fib_lookup on
@@ -118,14 +26,15 @@ struct {
  */
 volatile const __u32 fib_cache_ms = 50;
 
-static __always_inline int gd_verdict(__u32 reason, __u64 bytes, int action)
+static __always_inline int gd_verdict(enum gd_reason reason, __u64 bytes, int action)
 {
 	gd_count_reason(reason, bytes);
 	return action;
 }
 
 /* A dropped packet of a parsed flow: counted, and shown to observers with its reason. */
-static __always_inline int gd_drop(__u32 reason, __u64 bytes, const struct gd_pkt *pkt, __u32 svc_id)
+static __always_inline int gd_drop(enum gd_reason reason, __u64 bytes, const struct gd_pkt *pkt,
+				   __u32 svc_id)
 {
 	gd_count_reason(reason, bytes);
 	gd_emit_event(GD_EVENT_DROP, reason, &pkt->key, svc_id, 0, bytes);
@@ -164,42 +73,39 @@ static __always_inline int gd_too_big(struct xdp_md *ctx, const struct gd_pkt *p
 SEC("xdp")
 int gatewayd_lb(struct xdp_md *ctx)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
 	const struct gd_lb_settings *settings;
 	const struct gd_backend *be = NULL;
 	const struct gd_service *svc;
 	const struct gd_lb_flow *flow;
 	struct bpf_fib_lookup fib;
-	struct gd_vip_key vip = {};
 	struct gd_affinity_key ak;
 	struct gd_encap e;
 	struct gd_pkt pkt;
 	__u32 svc_id, be_id = 0, hash, zero = 0;
 	__u64 new_flow = 0, now = 0, len;
+	void *data, *data_end;
 	struct ethhdr *eth;
 	int rc;
 
-	/* The helper rather than data_end - data: pointer subtraction needs CAP_PERFMON. */
-	len = bpf_xdp_get_buff_len(ctx);
-	rc = gd_parse(data, data_end, len, &pkt);
+	/*
+	 * Later fragments, other protocols and IPv6 extension headers (GD_PARSE_L3) have no
+	 * ports to find a service by: not balanced.
+	 */
+	rc = gd_parse(ctx, &pkt, GD_PARSE_VLAN | GD_PARSE_TCP | GD_PARSE_UDP);
+	len = pkt.len;
 	if (unlikely(rc == GD_PARSE_MALFORMED))
 		return gd_verdict(GD_REASON_MALFORMED_PASS, len, XDP_PASS);
-	if (rc != GD_PARSE_OK)
+	if (rc != GD_PARSE_L4)
 		return gd_verdict(GD_REASON_NON_VIP_PASS, len, XDP_PASS);
 
-	__builtin_memcpy(vip.addr, pkt.key.dst, sizeof(vip.addr));
-	vip.port = pkt.key.dport;
-	vip.proto = pkt.key.proto;
-	vip.family = pkt.key.family;
-	svc = bpf_map_lookup_elem(&gd_services, &vip);
+	svc = gd_service_lookup(&pkt);
 	if (!svc)
 		return gd_verdict(GD_REASON_NON_VIP_PASS, len, XDP_PASS);
 	svc_id = svc->service_id;
 
 	/* Balancing a first fragment would split the datagram: its other fragments have no
 	 * ports, so they cannot follow it to the same backend. */
-	if (pkt.fragment)
+	if (pkt.frag)
 		return gd_drop(GD_REASON_FRAGMENT_DROP, len, &pkt, svc_id);
 	/* Checked on every packet, so removing a range also cuts established flows. */
 	if ((svc->flags & GD_SVC_F_SOURCE_RANGES) && !gd_source_allowed(&pkt, svc_id))
@@ -221,7 +127,8 @@ int gatewayd_lb(struct xdp_md *ctx)
 		 * flow here from another gateway. Maglev picks the same backend in the common case,
 		 * so the flow is adopted rather than dropped; the counter tells how often it happens.
 		 */
-		if (pkt.key.proto == IPPROTO_TCP && !pkt.syn)
+		if (pkt.key.proto == IPPROTO_TCP &&
+		    (pkt.tcp_flags & (GD_TCP_SYN | GD_TCP_ACK)) != GD_TCP_SYN)
 			gd_count_reason(GD_REASON_LRU_MISS_NON_SYN, len);
 		if (svc->flags & GD_SVC_F_AFFINITY) {
 			/* Same clock as bpf_ktime_get_ns() at jiffy resolution, without a clock read. */
@@ -297,8 +204,8 @@ int gatewayd_lb(struct xdp_md *ctx)
 	if (gd_zero_mac(fib.smac) && gd_zero_mac(fib.dmac))
 		return gd_verdict(GD_REASON_L3_DEVICE_PASS, len, XDP_PASS);
 
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
+	data = gd_ctx_data(ctx);
+	data_end = gd_ctx_data_end(ctx);
 	eth = data;
 	if ((void *)(eth + 1) > data_end)
 		return gd_drop(GD_REASON_ENCAP_FAILED_DROP, len, &pkt, svc_id);

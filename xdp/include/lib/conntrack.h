@@ -2,15 +2,35 @@
 /*
  * Connection tracking of the egress NAT: the two gd_nat entries of a flow, their TCP state and
  * timeouts, and the choice of a NAT port for a new flow (see gd_nat_entry in gatewayd_maps.h).
- *
- * This header uses gd_nat and gd_egress_cfg, defined in egress.c (include it after them).
+ * The table and the settings it follows are defined here, beside the code that reads them.
  */
 #ifndef GD_LIB_CONNTRACK_H
 #define GD_LIB_CONNTRACK_H
 
+#include "gatewayd_maps.h"
 #include "lib/common.h"
 #include "lib/hash.h"
-#include "lib/nat.h"
+#include "lib/proto.h"
+
+/*
+ * Pinned by name: a restarted daemon adopts them, so NAT mappings survive restarts.
+ * max_entries are defaults: userspace sets them from its configuration at load time.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct gd_flow_key);
+	__type(value, struct gd_nat_entry);
+	__uint(max_entries, GD_MAX_NAT_ENTRIES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} gd_nat SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct gd_egress_settings);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} gd_egress_cfg SEC(".maps");
 
 /*
  * Ports tried for a new flow before it is dropped as GD_REASON_NAT_EXHAUSTED_DROP. Every

@@ -1,6 +1,9 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * Internet checksum (RFC 1071) helpers.
+ * Internet checksum (RFC 1071) arithmetic, the one library for every program: sums of headers
+ * built from scratch (encapsulation, ICMP errors) and RFC 1624 incremental updates of
+ * checksums over rewritten fields (NAT). The skb helpers that also keep the kernel's checksum
+ * state right (bpf_l4_csum_replace) are used by lib/nat.h on top of these.
  *
  * Sums are accumulated in a __u64 from 16- or 32-bit words loaded exactly as they sit in
  * memory (network order) and folded at the end. The one's complement sum does not care about
@@ -11,6 +14,8 @@
  */
 #ifndef GD_LIB_CSUM_H
 #define GD_LIB_CSUM_H
+
+#include <linux/ip.h>
 
 #include "lib/common.h"
 
@@ -30,6 +35,12 @@ static __always_inline __sum16 gd_csum_finish(__u64 sum)
 	return (__sum16)~gd_csum_fold(sum);
 }
 
+/* The partial sum a checksum field stands for: where an incremental update starts. */
+static __always_inline __u64 gd_csum_unfold(__sum16 check)
+{
+	return (__u16)~check;
+}
+
 /*
  * One's complement subtraction of a 32-bit word: adding ~x is adding -x modulo 2^32-1, which
  * is also -x modulo 2^16-1 (a factor of it), so it survives the final fold.
@@ -39,12 +50,35 @@ static __always_inline __u64 gd_csum_sub32(__u64 sum, __u32 x)
 	return sum + (__u32)~x;
 }
 
-/* Add a 16-byte address as four 32-bit words. */
-static __always_inline __u64 gd_csum_add_addr6(__u64 sum, const void *addr)
+/*
+ * RFC 1624: the partial sum `sum` once a field of the summed data changes from `from` to `to`
+ * (HC' = ~(~HC + ~m + m')), for 2-, 4- and 16-byte fields.
+ */
+static __always_inline __u64 gd_csum_delta2(__u64 sum, __be16 from, __be16 to)
 {
-	const __u32 *w = addr;
+	return sum + (__u16)~from + to;
+}
 
-	return sum + w[0] + w[1] + w[2] + w[3];
+static __always_inline __u64 gd_csum_delta4(__u64 sum, __be32 from, __be32 to)
+{
+	return gd_csum_sub32(sum, from) + to;
+}
+
+static __always_inline __u64 gd_csum_delta16(__u64 sum, const void *from, const void *to)
+{
+	const __u32 *f = from, *t = to;
+	int i;
+
+#pragma unroll
+	for (i = 0; i < 4; i++)
+		sum = gd_csum_delta4(sum, f[i], t[i]);
+	return sum;
+}
+
+/* The checksum field `check` once a 4-byte field it covers changes from `from` to `to`. */
+static __always_inline __sum16 gd_csum_replace4(__sum16 check, __be32 from, __be32 to)
+{
+	return gd_csum_finish(gd_csum_delta4(gd_csum_unfold(check), from, to));
 }
 
 /*
@@ -69,42 +103,14 @@ static __always_inline __sum16 gd_ipv4_hdr_csum(const struct iphdr *iph)
 	return gd_csum_finish((__u64)w[0] + w[1] + w[2] + w[3] + w[4]);
 }
 
-/*
- * RFC 1624 incremental update of a checksum field when a 32-bit word changes from `from` to
- * `to`: HC' = ~(~HC + ~m + m'). Used where a header is rewritten in place.
- */
-static __always_inline __sum16 gd_csum_replace4(__sum16 check, __be32 from, __be32 to)
-{
-	__u64 sum = (__u16)~check;
-
-	sum = gd_csum_sub32(sum, from);
-	sum += to;
-	return gd_csum_finish(sum);
-}
-
-static __always_inline __sum16 gd_csum_replace2(__sum16 check, __be16 from, __be16 to)
-{
-	__u64 sum = (__u16)~check;
-
-	sum += (__u16)~from;
-	sum += to;
-	return gd_csum_finish(sum);
-}
-
-/* IPv4 pseudo-header (RFC 793/768) as a partial sum. */
-static __always_inline __u64 gd_csum_pseudo4(__be32 saddr, __be32 daddr, __u8 proto, __u16 len)
-{
-	return (__u64)saddr + daddr + bpf_htons((__u16)proto) + bpf_htons(len);
-}
-
 /* IPv6 pseudo-header (RFC 8200 8.1) as a partial sum. */
 static __always_inline __u64 gd_csum_pseudo6(const void *saddr, const void *daddr, __u8 nh,
 					     __u32 len)
 {
-	__u64 sum = gd_csum_add_addr6(0, saddr);
+	const __u32 *s = saddr, *d = daddr;
 
-	sum = gd_csum_add_addr6(sum, daddr);
-	return sum + bpf_htonl(len) + bpf_htonl((__u32)nh);
+	return (__u64)s[0] + s[1] + s[2] + s[3] + d[0] + d[1] + d[2] + d[3] + bpf_htonl(len) +
+	       bpf_htonl((__u32)nh);
 }
 
 #endif /* GD_LIB_CSUM_H */

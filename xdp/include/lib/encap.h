@@ -12,9 +12,13 @@
 #ifndef GD_LIB_ENCAP_H
 #define GD_LIB_ENCAP_H
 
+#include "gatewayd_maps.h"
 #include "lib/common.h"
 #include "lib/csum.h"
+#include "lib/ctx.h"
 #include "lib/parse.h"
+#include "lib/proto.h"
+#include "lib/reshape.h"
 
 #define GD_OUTER_TTL 64
 /* RFC 8086 / GUE: source port from the flow hash, inside the dynamic range 49152-65535. */
@@ -140,53 +144,19 @@ static __always_inline int gd_inner_sum(void *data, void *data_end, const struct
 }
 
 /*
- * Push the outer headers described by `e`. On return the frame is
- * [L2 (+tags, innermost ethertype = outer family)][outer IP][UDP if GUE][inner IP packet];
- * the MAC addresses are still the received ones (the caller rewrites them after the FIB
- * lookup, or leaves them when passing to the stack). Returns -1 if the frame could not be
- * resized, in which case the packet must be dropped (it may have been modified).
+ * Write the outer headers described by `e` at `outer` (the room for them in front of the
+ * inner IP packet of `pkt`). `inner_sum` is the inner packet's sum (gd_inner_sum) when the
+ * outer UDP checksum of GUE over IPv6 is to be computed, or NULL. Returns -1 when the room is
+ * not within [outer, data_end). Independent of the hook: XDP makes the room with
+ * gd_xdp_reshape, a TC program would with bpf_skb_adjust_room.
  */
-static __always_inline int gd_encap(struct xdp_md *ctx, const struct gd_pkt *pkt,
-				    const struct gd_encap *e)
+static __always_inline int gd_encap_write(void *outer, void *data_end, const struct gd_pkt *pkt,
+					  const struct gd_encap *e, const __u64 *inner_sum)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
-	__u32 l2_len = pkt->l3_off;
-	__u32 inner_len = pkt->ip_len;
-	__u32 outer_len = inner_len + e->overhead;
-	__u64 inner_sum = 0;
-	int udp_csum = 0;
-
-	if (l2_len > GD_L2_MAX || outer_len > 0xFFFF)
-		return -1;
-
-	/*
-	 * RFC 6935/6936 allow a zero UDP checksum over IPv6 only for tunnels whose endpoints
-	 * opt in, and middleboxes may drop such packets, so it is computed whenever that is
-	 * cheap (see gd_inner_sum). IPv4 outer: zero checksum, as RFC 768 allows.
-	 */
-	if (e->proto == IPPROTO_UDP && e->family == GD_FAMILY_INET6)
-		udp_csum = gd_inner_sum(data, data_end, pkt, &inner_sum) == 0;
-
-	/*
-	 * Short frames arrive with Ethernet padding after the IP packet. Drop it, or it would
-	 * travel inside the tunnel as trailing garbage after the inner packet.
-	 */
-	if (pkt->len > l2_len + inner_len) {
-		if (bpf_xdp_adjust_tail(ctx, (int)(l2_len + inner_len) - (int)pkt->len))
-			return -1;
-	}
-	if (bpf_xdp_adjust_head(ctx, -(int)e->overhead))
-		return -1;
-
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
-	if (gd_l2_move(data, data_end, e->overhead, pkt->vlans,
-		       e->family == GD_FAMILY_INET ? bpf_htons(ETH_P_IP) : bpf_htons(ETH_P_IPV6), 0))
-		return -1;
+	__u32 outer_len = pkt->ip_len + e->overhead;
 
 	if (e->family == GD_FAMILY_INET) {
-		struct iphdr *ip = data + l2_len;
+		struct iphdr *ip = outer;
 		struct udphdr *uh = (void *)(ip + 1);
 
 		if ((void *)(uh + 1) > data_end)
@@ -211,7 +181,7 @@ static __always_inline int gd_encap(struct xdp_md *ctx, const struct gd_pkt *pkt
 		return 0;
 	}
 
-	struct ipv6hdr *ip6 = data + l2_len;
+	struct ipv6hdr *ip6 = outer;
 	struct udphdr *uh = (void *)(ip6 + 1);
 	__u32 plen = outer_len - sizeof(*ip6);
 
@@ -229,16 +199,51 @@ static __always_inline int gd_encap(struct xdp_md *ctx, const struct gd_pkt *pkt
 		uh->dest = e->dport;
 		uh->len = bpf_htons(plen);
 		uh->check = 0;
-		if (udp_csum) {
+		if (inner_sum) {
 			__u64 sum = gd_csum_pseudo6(e->saddr, e->daddr, IPPROTO_UDP, plen);
 			__sum16 c;
 
-			sum += (__u64)e->sport + e->dport + bpf_htons(plen) + inner_sum;
+			sum += (__u64)e->sport + e->dport + bpf_htons(plen) + *inner_sum;
 			c = gd_csum_finish(sum);
 			uh->check = c ? c : (__sum16)0xFFFF; /* 0 would mean "no checksum" */
 		}
 	}
 	return 0;
+}
+
+/*
+ * Push the outer headers described by `e`. On return the frame is
+ * [L2 (+tags, innermost ethertype = outer family)][outer IP][UDP if GUE][inner IP packet];
+ * the MAC addresses are still the received ones (the caller rewrites them after the FIB
+ * lookup, or leaves them when passing to the stack). Ethernet padding of short frames is
+ * dropped, or it would travel inside the tunnel as trailing garbage after the inner packet.
+ * Returns -1 if the frame could not be resized, in which case the packet must be dropped (it
+ * may have been modified).
+ */
+static __always_inline int gd_encap(struct xdp_md *ctx, const struct gd_pkt *pkt,
+				    const struct gd_encap *e)
+{
+	__u32 l2_len = pkt->l3_off;
+	__u64 inner_sum = 0;
+	int udp_csum = 0;
+
+	if (l2_len > GD_L2_MAX || pkt->ip_len + e->overhead > 0xFFFF)
+		return -1;
+
+	/*
+	 * RFC 6935/6936 allow a zero UDP checksum over IPv6 only for tunnels whose endpoints
+	 * opt in, and middleboxes may drop such packets, so it is computed whenever that is
+	 * cheap (see gd_inner_sum). IPv4 outer: zero checksum, as RFC 768 allows.
+	 */
+	if (e->proto == IPPROTO_UDP && e->family == GD_FAMILY_INET6)
+		udp_csum = gd_inner_sum(gd_ctx_data(ctx), gd_ctx_data_end(ctx), pkt, &inner_sum) == 0;
+
+	if (gd_xdp_reshape(ctx, pkt, pkt->ip_len, e->overhead,
+			   e->family == GD_FAMILY_INET ? bpf_htons(ETH_P_IP) : bpf_htons(ETH_P_IPV6),
+			   0))
+		return -1;
+	return gd_encap_write(gd_ctx_data(ctx) + l2_len, gd_ctx_data_end(ctx), pkt, e,
+			      udp_csum ? &inner_sum : NULL);
 }
 
 #endif /* GD_LIB_ENCAP_H */

@@ -22,9 +22,11 @@
 #ifndef GD_LIB_FIB_H
 #define GD_LIB_FIB_H
 
+#include "gatewayd_maps.h"
 #include "lib/common.h"
 #include "lib/encap.h"
 #include "lib/parse.h"
+#include "lib/proto.h"
 
 /* Slots per CPU; backend ids are direct-mapped (id % slots), a collision is just a miss. */
 #define GD_NEXTHOP_SLOTS 1024

@@ -6,6 +6,7 @@
 #ifndef GD_LIB_HASH_H
 #define GD_LIB_HASH_H
 
+#include "gatewayd_maps.h"
 #include "lib/common.h"
 
 /*

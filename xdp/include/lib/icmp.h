@@ -20,7 +20,10 @@
 
 #include "lib/common.h"
 #include "lib/csum.h"
+#include "lib/ctx.h"
 #include "lib/parse.h"
+#include "lib/proto.h"
+#include "lib/reshape.h"
 
 #define GD_ICMP_TTL 64
 
@@ -37,25 +40,6 @@
 #define GD_ICMP6_QUOTE 1232
 
 /*
- * Trim the frame to l3_off + keep bytes, then make room for `push` bytes of new headers in
- * front of the L3 header and bring the L2 header (MACs swapped) back to the front.
- */
-static __always_inline int gd_icmp_reshape(struct xdp_md *ctx, const struct gd_pkt *pkt,
-					   __u32 keep, __u32 push, __be16 l3_proto)
-{
-	__u32 new_len = pkt->l3_off + keep;
-
-	if (new_len > pkt->len)
-		return -1;
-	if (new_len < pkt->len && bpf_xdp_adjust_tail(ctx, (int)new_len - (int)pkt->len))
-		return -1;
-	if (bpf_xdp_adjust_head(ctx, -(int)push))
-		return -1;
-	return gd_l2_move((void *)(long)ctx->data, (void *)(long)ctx->data_end, push, pkt->vlans,
-			  l3_proto, 1);
-}
-
-/*
  * IPv4: ICMP type 3 code 4 "fragmentation needed and DF set" carrying the next-hop MTU
  * (RFC 1191). Only for packets with DF: without it the client expects routers to fragment,
  * which the gateway cannot do (the caller drops those).
@@ -63,8 +47,8 @@ static __always_inline int gd_icmp_reshape(struct xdp_md *ctx, const struct gd_p
 static __always_inline int gd_icmp4_frag_needed(struct xdp_md *ctx, const struct gd_pkt *pkt,
 						__u32 mtu)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
+	void *data = gd_ctx_data(ctx);
+	void *data_end = gd_ctx_data_end(ctx);
 	__u32 l3 = pkt->l3_off, quote_len;
 	struct gd_icmphdr *ic;
 	struct iphdr *iph;
@@ -79,11 +63,11 @@ static __always_inline int gd_icmp4_frag_needed(struct xdp_md *ctx, const struct
 		return -1;
 	quote_len = iph->ihl * 4 + 8; /* 28..68, all present: the parser saw the L4 header */
 
-	if (gd_icmp_reshape(ctx, pkt, quote_len, sizeof(*iph) + sizeof(*ic), bpf_htons(ETH_P_IP)))
+	if (gd_xdp_reshape(ctx, pkt, quote_len, sizeof(*iph) + sizeof(*ic), bpf_htons(ETH_P_IP), 1))
 		return -1;
 
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
+	data = gd_ctx_data(ctx);
+	data_end = gd_ctx_data_end(ctx);
 	iph = data + l3;
 	ic = (void *)(iph + 1);
 	quote = (void *)(ic + 1);
@@ -104,8 +88,8 @@ static __always_inline int gd_icmp4_frag_needed(struct xdp_md *ctx, const struct
 	ic->type = GD_ICMP_DEST_UNREACH;
 	ic->code = GD_ICMP_FRAG_NEEDED;
 	ic->checksum = 0;
-	ic->unused = 0;
-	ic->mtu = bpf_htons(mtu);
+	ic->un.frag.unused = 0;
+	ic->un.frag.mtu = bpf_htons(mtu);
 	sum = (__u64)((__u32 *)ic)[0] + ((__u32 *)ic)[1];
 	/*
 	 * The quote is 28..68 bytes (IP options): summed a word at a time, unrolled, each word
@@ -129,7 +113,7 @@ static __always_inline int gd_icmp6_too_big(struct xdp_md *ctx, const struct gd_
 					    __u32 mtu)
 {
 	__u32 l3 = pkt->l3_off;
-	struct icmp6hdr *ic;
+	struct gd_icmphdr *ic;
 	struct ipv6hdr *ip6;
 	void *data, *data_end;
 	__u8 *quote;
@@ -137,12 +121,12 @@ static __always_inline int gd_icmp6_too_big(struct xdp_md *ctx, const struct gd_
 
 	if (l3 > GD_L2_MAX || pkt->ip_len < GD_ICMP6_QUOTE)
 		return -1;
-	if (gd_icmp_reshape(ctx, pkt, GD_ICMP6_QUOTE, sizeof(*ip6) + sizeof(*ic),
-			    bpf_htons(ETH_P_IPV6)))
+	if (gd_xdp_reshape(ctx, pkt, GD_ICMP6_QUOTE, sizeof(*ip6) + sizeof(*ic),
+			   bpf_htons(ETH_P_IPV6), 1))
 		return -1;
 
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
+	data = gd_ctx_data(ctx);
+	data_end = gd_ctx_data_end(ctx);
 	ip6 = data + l3;
 	ic = (void *)(ip6 + 1);
 	quote = (void *)(ic + 1);
@@ -155,10 +139,10 @@ static __always_inline int gd_icmp6_too_big(struct xdp_md *ctx, const struct gd_
 	__builtin_memcpy(&ip6->saddr, pkt->key.dst, 16); /* from the VIP... */
 	__builtin_memcpy(&ip6->daddr, pkt->key.src, 16); /* ...to the client */
 
-	ic->icmp6_type = ICMPV6_PKT_TOOBIG;
-	ic->icmp6_code = 0;
-	ic->icmp6_cksum = 0;
-	ic->icmp6_mtu = bpf_htonl(mtu);
+	ic->type = ICMPV6_PKT_TOOBIG;
+	ic->code = 0;
+	ic->checksum = 0;
+	ic->un.mtu6 = bpf_htonl(mtu);
 
 	sum = gd_csum_pseudo6(pkt->key.dst, pkt->key.src, IPPROTO_ICMPV6,
 			      sizeof(*ic) + GD_ICMP6_QUOTE);
@@ -166,7 +150,7 @@ static __always_inline int gd_icmp6_too_big(struct xdp_md *ctx, const struct gd_
 	sum = gd_csum_mem(sum, quote, 512);
 	sum = gd_csum_mem(sum, quote + 512, 512);
 	sum = gd_csum_mem(sum, quote + 1024, GD_ICMP6_QUOTE - 1024);
-	ic->icmp6_cksum = gd_csum_finish(sum);
+	ic->checksum = gd_csum_finish(sum);
 	return 0;
 }
 

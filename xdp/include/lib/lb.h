@@ -1,17 +1,121 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * Balancing decisions: connection table, ClientIP affinity, Maglev, source ranges,
- * traffic counters.
- *
- * This header uses the maps defined in lb.c (include it after them): only the XDP program
- * balances, and keeping the definitions next to the program keeps the map list in one place.
+ * The load balancer's tables and the decisions made from them: services, the connection
+ * table, ClientIP affinity, Maglev, source ranges, traffic counters. Only gatewayd_lb (lb.c)
+ * balances; its maps are defined here, beside the code that reads them.
  */
 #ifndef GD_LIB_LB_H
 #define GD_LIB_LB_H
 
+#include "gatewayd_maps.h"
 #include "lib/common.h"
 #include "lib/parse.h"
-#include "lib/hash.h"
+
+/*
+ * All pinned by name: a restarted daemon adopts them, so flows survive restarts.
+ * max_entries are defaults: userspace sets them from its configuration at load time.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct gd_vip_key);
+	__type(value, struct gd_service);
+	__uint(max_entries, GD_MAX_SERVICES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} gd_services SEC(".maps");
+
+/*
+ * Template for the per-service Maglev tables. BPF_F_INNER_MAP lets inner arrays of any
+ * max_entries be inserted (each service table has its own prime size); BPF_F_MMAPABLE lets
+ * userspace fill a table with one copy. Inner maps must be created with the same type,
+ * key/value sizes and flags (0x1400) or the insert is refused.
+ */
+struct gd_maglev_inner {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_INNER_MAP | BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, GD_MAGLEV_DEFAULT_SIZE + 1);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	/* Sizes, not BTF types: the kernel rejects BTF key/value types on map-in-map. */
+	__uint(key_size, sizeof(__u32));   /* service_id */
+	__uint(value_size, sizeof(__u32)); /* inner map fd (userspace) / id (read back) */
+	__uint(max_entries, GD_MAX_SERVICES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__array(values, struct gd_maglev_inner);
+} gd_maglev SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct gd_backend);
+	__uint(max_entries, GD_MAX_BACKENDS);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} gd_backends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct gd_flow_key);
+	__type(value, struct gd_lb_flow);
+	__uint(max_entries, GD_MAX_LB_FLOWS);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} gd_lb_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct gd_affinity_key);
+	__type(value, struct gd_affinity);
+	__uint(max_entries, GD_MAX_AFFINITY);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} gd_lb_affinity SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct gd_source_range_key);
+	__type(value, __u8);
+	__uint(max_entries, GD_MAX_SOURCE_RANGES);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* required for LPM tries */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} gd_src_ranges SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct gd_lb_settings);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} gd_lb_settings SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct gd_traffic_counters);
+	__uint(max_entries, GD_MAX_SERVICES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} gd_svc_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct gd_traffic_counters);
+	__uint(max_entries, GD_MAX_BACKENDS);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} gd_be_stats SEC(".maps");
+
+
+/* The service a parsed TCP/UDP packet is addressed to, if any. */
+static __always_inline const struct gd_service *gd_service_lookup(const struct gd_pkt *pkt)
+{
+	struct gd_vip_key vip = {};
+
+	__builtin_memcpy(vip.addr, pkt->key.dst, sizeof(vip.addr));
+	vip.port = pkt->key.dport;
+	vip.proto = pkt->key.proto;
+	vip.family = pkt->key.family;
+	return bpf_map_lookup_elem(&gd_services, &vip);
+}
 
 /*
  * May this backend carry a packet of service `svc_id`? New flows need ACTIVE; established

@@ -1,14 +1,17 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * Maps defined by more than one program object.
+ * What every program reports to userspace: the reason counters (gd_reasons: what happened to
+ * packets that were not simply forwarded) and the flow events of `gatewayctl observe`
+ * (gd_events, written only while gd_observe says someone listens).
  *
- * Each object that includes this header carries its own definition, and pinning by name makes
- * the loader reuse the pinned map when a second object is loaded: the definitions must stay
- * identical (the loader refuses a pinned map whose type/sizes/flags differ), hence one header.
+ * Every object includes these maps and carries its own definition; pinning by name makes the
+ * loader reuse the pinned map when a second object is loaded, so the definitions must stay
+ * identical (the loader refuses a pinned map whose type/sizes/flags differ): hence one header.
  */
-#ifndef GD_LIB_MAPS_H
-#define GD_LIB_MAPS_H
+#ifndef GD_LIB_REPORT_H
+#define GD_LIB_REPORT_H
 
+#include "gatewayd_maps.h"
 #include "lib/common.h"
 
 struct {
@@ -19,9 +22,10 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } gd_reasons SEC(".maps");
 
-static __always_inline void gd_count_reason(__u32 reason, __u64 bytes)
+static __always_inline void gd_count_reason(enum gd_reason reason, __u64 bytes)
 {
-	struct gd_reason_counters *c = bpf_map_lookup_elem(&gd_reasons, &reason);
+	__u32 key = reason;
+	struct gd_reason_counters *c = bpf_map_lookup_elem(&gd_reasons, &key);
 
 	if (c) {
 		c->packets++;
@@ -46,7 +50,8 @@ struct {
 } gd_observe SEC(".maps");
 
 /* Reports a flow event if someone is observing. */
-static __always_inline void gd_emit_event(__u8 kind, __u16 reason, const struct gd_flow_key *key,
+static __always_inline void gd_emit_event(enum gd_event_kind kind, enum gd_reason reason,
+					  const struct gd_flow_key *key,
 					  __u32 service_id, __u32 backend_id, __u64 bytes)
 {
 	const struct gd_observe *o;
@@ -76,4 +81,4 @@ static __always_inline void gd_emit_event(__u8 kind, __u16 reason, const struct 
 				       : BPF_RB_NO_WAKEUP);
 }
 
-#endif /* GD_LIB_MAPS_H */
+#endif /* GD_LIB_REPORT_H */
