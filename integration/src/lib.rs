@@ -14,12 +14,12 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-/// True when the test may run; otherwise prints why it is skipped.
+/// True when the test (or benchmark) may run; otherwise prints why it is skipped.
 pub fn require_root(test: &str) -> bool {
     if nix_geteuid() == 0 {
         return true;
     }
-    eprintln!("SKIP: {test} needs root (network namespaces, XDP, bpffs); run the tests with sudo");
+    eprintln!("SKIP: {test} needs root (network namespaces, XDP, bpffs): run it with sudo");
     false
 }
 
@@ -37,10 +37,31 @@ pub fn unique(prefix: &str) -> String {
 
 /// Runs a command and fails with its output when it fails.
 pub fn run(program: &str, args: &[&str]) -> Result<Output> {
-    let out = Command::new(program)
+    run_with_input(program, args, None)
+}
+
+/// [`run`], with `input` on the command's standard input.
+pub fn run_with_input(program: &str, args: &[&str], input: Option<&str>) -> Result<Output> {
+    use std::io::Write as _;
+    let mut child = Command::new(program)
         .args(args)
-        .output()
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .with_context(|| format!("running {program}"))?;
+    if let Some(text) = input {
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(text.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
     if !out.status.success() {
         bail!(
             "{program} {} failed: {}{}",
@@ -89,6 +110,11 @@ impl Netns {
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         self.exec(&["sysctl", "-qw", &format!("{key}={value}")])
             .map(|_| ())
+    }
+
+    /// Runs `ip` commands in the namespace, one per line, in one `ip -batch` call.
+    pub fn ip_batch(&self, commands: &str) -> Result<()> {
+        run_with_input("ip", &["-n", &self.name, "-batch", "-"], Some(commands)).map(|_| ())
     }
 }
 
@@ -363,15 +389,23 @@ impl Netns {
         })
     }
 
-    /// [`Netns::enter_thread`] and wait for its result.
+    /// Runs `f` on a thread that has joined this namespace and waits for its result; `f` may
+    /// borrow from the caller. Sockets, `bpf_fib_lookup` and the ingress interface of a
+    /// BPF_PROG_TEST_RUN are resolved in the namespace of the calling thread.
     pub fn run_in<T, F>(&self, f: F) -> Result<T>
     where
-        T: Send + 'static,
-        F: FnOnce() -> Result<T> + Send + 'static,
+        T: Send,
+        F: FnOnce() -> Result<T> + Send,
     {
-        self.enter_thread(f)
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                enter_netns(&path)?;
+                f()
+            })
             .join()
             .map_err(|_| anyhow!("thread in namespace {} panicked", self.name))?
+        })
     }
 
     /// A TCP connection made from inside the namespace.

@@ -24,9 +24,8 @@ mod common;
 use anyhow::{bail, ensure, Context, Result};
 use aya::programs::SchedClassifier;
 use common::egress::*;
-use common::{
-    compile_bpf, loadavg, median, pin_to_one_cpu, require_root, spread_of, OUTLIER_NS, TCP_ACK, TCP_SYN,
-};
+use common::packet::*;
+use common::{compile_bpf, loadavg, median, pin_to_one_cpu, require_root, spread_of, OUTLIER_NS};
 use gatewayd_common::maps::MAX_NAT_ENTRIES;
 
 const ROUNDS: usize = 7;
@@ -113,7 +112,7 @@ impl Variant<'_> {
 /// The i-th new flow: a SYN from a different pod address and port each time.
 fn new_flow(i: usize) -> Pkt {
     let pod = format!("10.244.{}.{}", (i / 250) % 250, 1 + i % 250);
-    Pkt::tcp(&pod, 1024 + (i % 60000) as u16, REMOTE, SERVER_PORT, TCP_SYN)
+    Pkt::tcp(&pod, 1024 + (i % 60000) as u16, REMOTE, SERVER_PORT)
 }
 
 fn run() -> Result<()> {
@@ -134,9 +133,9 @@ fn run() -> Result<()> {
     // An established flow: its SYN went out first (and was checked like in the tests).
     // Both at the daemon's default NAT table size.
     let nat = Nat::sized(settings(), MAX_NAT_ENTRIES)?;
-    let syn = Pkt::tcp(POD, POD_PORT, REMOTE, SERVER_PORT, TCP_SYN);
+    let syn = Pkt::tcp(POD, POD_PORT, REMOTE, SERVER_PORT);
     let port = assert_snat(&nat, &syn, EGRESS_WIDE);
-    let ack = Pkt::tcp(POD, POD_PORT, REMOTE, SERVER_PORT, TCP_ACK);
+    let ack = Pkt::tcp(POD, POD_PORT, REMOTE, SERVER_PORT).flags(TCP_ACK);
     let ack_out = ack.with(EGRESS_WIDE, port, REMOTE, SERVER_PORT).frame();
     let reply = ack.reply(ack.l4).with(REMOTE, SERVER_PORT, EGRESS_WIDE, port);
     let reply_out = reply.with(REMOTE, SERVER_PORT, POD, POD_PORT).frame();
@@ -193,14 +192,14 @@ fn run() -> Result<()> {
                 let port = first_choice(&p, PORT_MIN, PORT_MAX);
                 let original = fresh
                     .table
-                    .get(&p.key(), 0)
+                    .get(&p.flow_key(), 0)
                     .context("no ORIGINAL entry after a new flow")?;
                 ensure!(
                     u16::from_be(original.port) == port,
                     "new flow {i}: port {}",
                     u16::from_be(original.port)
                 );
-                fresh.table.remove(&p.key())?;
+                fresh.table.remove(&p.flow_key())?;
                 Ok(fresh.table.remove(&reply_key(&p, EGRESS_WIDE, port))?)
             })),
             samples: vec![],

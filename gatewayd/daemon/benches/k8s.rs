@@ -188,9 +188,9 @@ async fn measure(services: usize) -> Result<()> {
         let capacities = Capacities {
             max_services: params.max_services,
             max_backends: params.max_backends,
-            ..common::test_capacities()
+            ..common::lb::test_capacities()
         };
-        Some(common::Balancer::new(&capacities, params)?)
+        Some(common::lb::Balancer::new(&capacities, params)?)
     } else {
         println!("(the figures stop at the plan: no Maglev table is built)");
         None

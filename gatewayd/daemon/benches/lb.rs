@@ -30,7 +30,9 @@ mod common;
 
 use anyhow::{bail, Context, Result};
 use aya::programs::Xdp;
-use common::*;
+use common::lb::*;
+use common::packet::*;
+use common::{compile_bpf, loadavg, median, pin_to_one_cpu, require_root, spread_of, OUTLIER_NS};
 use gatewayd::datapath::Capacities;
 use gatewayd::lb::maglev::{build_table, MaglevBackend};
 use gatewayd::lb::plan::LbParams;
@@ -470,11 +472,8 @@ impl<'a> Variant<'a> {
         };
         match (self.lb, action) {
             (Some(lb), XDP_TX) => {
-                let want = lb
-                    .maglev_pick(&pkt.service_key(), &pkt.flow_key())
-                    .context("no backend")?;
-                let got = assert_encapsulated(&out, pkt, &Encap::ipip(action, want));
-                assert_eq!(got, want, "{}: backend", self.name);
+                let input = Input::Pkt(pkt.clone());
+                check_outcome(lb, self.name, &input, &out, &encap(XDP_TX, To::Maglev));
                 if self.forget.is_none() {
                     assert!(
                         lb.flow(&pkt.flow_key()).is_some(),
@@ -742,9 +741,10 @@ fn bench(
 ) -> Result<Vec<Row>> {
     let pass = refs.pass;
     let [bare_flows, bare_new, bare_new_percpu] = tables;
-    let syn = Pkt::tcp("10.200.0.1", 1, "10.100.0.1", 80);
+    // 54-byte frames: Ethernet, IPv4, TCP, no payload.
+    let syn = Pkt::tcp("10.200.0.1", 1, "10.100.0.1", 80).payload(0);
     let ack = syn.clone().flags(TCP_ACK);
-    let non_vip = Pkt::tcp("10.200.0.1", 40000, "10.99.0.1", 80);
+    let non_vip = Pkt::tcp("10.200.0.1", 40000, "10.99.0.1", 80).payload(0);
     let (syn, ack, non_vip) = (&syn, &ack, &non_vip);
     // New flows get distinct 5-tuples over the whole run, so each one really inserts.
     let fresh = std::cell::Cell::new(0u32);

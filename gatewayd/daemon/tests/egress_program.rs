@@ -17,12 +17,32 @@
 mod common;
 
 use common::egress::*;
-use common::{require_root, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN};
+use common::packet::*;
+use common::require_root;
 use gatewayd::datapath::monotonic_ns;
 use gatewayd_common::maps::{
     addr_bytes, EgressCounters, NatEntry, NAT_DIR_REPLY, NAT_OPEN, NAT_TCP_CLOSING, NAT_TCP_ESTABLISHED,
     NAT_TCP_SYN_SENT,
 };
+
+/// A live REPLY entry of another pod's flow (POD_OTHER, port 41000), in `state`.
+fn foreign_reply(state: u8) -> NatEntry {
+    NatEntry {
+        addr: addr_bytes(ip(POD_OTHER)).0,
+        created_ns: monotonic_ns(),
+        last_seen_ns: monotonic_ns(),
+        expires_ns: monotonic_ns() + 3600 * S,
+        policy_id: WIDE,
+        port: 41000u16.to_be(),
+        state,
+        dir: NAT_DIR_REPLY,
+    }
+}
+
+/// The NAT object with the standard policies and settings (None without root: skipped).
+fn standard(name: &str) -> Option<Nat> {
+    require_root(name).then(|| Nat::new(settings()).unwrap())
+}
 
 // ---------------------------------------------------------------------------------------------
 // Tests.
@@ -30,14 +50,13 @@ use gatewayd_common::maps::{
 
 #[test]
 fn tcp_udp_and_echo_are_translated_and_their_replies_translated_back() {
-    if !require_root("tcp_udp_and_echo_are_translated_and_their_replies_translated_back") {
+    let Some(nat) = standard("tcp_udp_and_echo_are_translated_and_their_replies_translated_back") else {
         return;
-    }
-    let nat = Nat::new(settings()).unwrap();
+    };
     let before = monotonic_ns();
 
     // TCP: the SYN opens the mapping, the SYN-ACK comes back to the pod and establishes it.
-    let syn = Pkt::tcp(POD, 40000, REMOTE, 443, TCP_SYN);
+    let syn = Pkt::tcp(POD, 40000, REMOTE, 443);
     let port = assert_snat(&nat, &syn, EGRESS_WIDE);
     assert_eq!(port, first_choice(&syn, PORT_MIN, PORT_MAX));
     let (o, _) = flow_entries(&nat, &syn, EGRESS_WIDE, port);
@@ -46,7 +65,7 @@ fn tcp_udp_and_echo_are_translated_and_their_replies_translated_back() {
     assert_eq!(o.created_ns, o.last_seen_ns);
     assert!(o.last_seen_ns + S >= before && o.last_seen_ns <= monotonic_ns());
 
-    let syn_ack = Pkt::tcp(REMOTE, 443, EGRESS_WIDE, port, TCP_SYN | TCP_ACK);
+    let syn_ack = Pkt::tcp(REMOTE, 443, EGRESS_WIDE, port).flags(TCP_SYN | TCP_ACK);
     let (verdict, out) = nat.rnat(&syn_ack.frame());
     assert_eq!(verdict, TC_ACT_OK);
     check_frame(&out);
@@ -56,7 +75,7 @@ fn tcp_udp_and_echo_are_translated_and_their_replies_translated_back() {
     assert_eq!(timeout_ns(&o), 3600 * S);
 
     // Established traffic keeps the port, with a payload.
-    let data = Pkt::tcp(POD, 40000, REMOTE, 443, TCP_ACK | TCP_PSH);
+    let data = Pkt::tcp(POD, 40000, REMOTE, 443).flags(TCP_ACK | TCP_PSH);
     assert_eq!(assert_snat(&nat, &data, EGRESS_WIDE), port);
 
     // UDP.
@@ -97,12 +116,11 @@ fn tcp_udp_and_echo_are_translated_and_their_replies_translated_back() {
 
 #[test]
 fn ipv6_tcp_udp_and_echo_are_translated_both_ways() {
-    if !require_root("ipv6_tcp_udp_and_echo_are_translated_both_ways") {
+    let Some(nat) = standard("ipv6_tcp_udp_and_echo_are_translated_both_ways") else {
         return;
-    }
-    let nat = Nat::new(settings()).unwrap();
+    };
     for pkt in [
-        Pkt::tcp(POD6, 40000, REMOTE6, 443, TCP_SYN),
+        Pkt::tcp(POD6, 40000, REMOTE6, 443),
         Pkt::udp(POD6, 5353, REMOTE6, 53),
         Pkt::echo(POD6, REMOTE6, 0x0abc, false),
     ] {
@@ -133,13 +151,13 @@ fn ipv6_tcp_udp_and_echo_are_translated_both_ways() {
 
 #[test]
 fn unselected_sources_excluded_destinations_and_other_traffic_pass_untouched() {
-    if !require_root("unselected_sources_excluded_destinations_and_other_traffic_pass_untouched") {
+    let Some(nat) = standard("unselected_sources_excluded_destinations_and_other_traffic_pass_untouched")
+    else {
         return;
-    }
-    let nat = Nat::new(settings()).unwrap();
+    };
     for pkt in [
-        Pkt::tcp(POD_UNSELECTED, 40000, REMOTE, 443, TCP_SYN),
-        Pkt::tcp(POD, 40000, EXCLUDED_DST, 443, TCP_SYN),
+        Pkt::tcp(POD_UNSELECTED, 40000, REMOTE, 443),
+        Pkt::tcp(POD, 40000, EXCLUDED_DST, 443),
         Pkt::udp(POD, 40000, EXCLUDED_DST, 53),
         Pkt::echo(POD, EXCLUDED_DST, 1, false),
         Pkt::udp("fd00:99::1", 40000, REMOTE6, 53),
@@ -148,10 +166,9 @@ fn unselected_sources_excluded_destinations_and_other_traffic_pass_untouched() {
         assert_eq!(nat.snat(&frame), (TC_ACT_OK, frame.clone()), "{pkt:?}");
     }
     // Replies to addresses without a mapping, and traffic that is not IP.
-    let stray = Pkt::tcp(REMOTE, 443, "192.0.2.99", 20001, TCP_ACK).frame();
+    let stray = Pkt::tcp(REMOTE, 443, "192.0.2.99", 20001).flags(TCP_ACK).frame();
     assert_eq!(nat.rnat(&stray), (TC_ACT_OK, stray.clone()));
-    let mut arp = frame(&[0u8; 28]);
-    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    let arp = arp_request();
     assert_eq!(nat.snat(&arp), (TC_ACT_OK, arp.clone()));
     assert_eq!(nat.rnat(&arp), (TC_ACT_OK, arp.clone()));
 
@@ -162,18 +179,17 @@ fn unselected_sources_excluded_destinations_and_other_traffic_pass_untouched() {
 
 #[test]
 fn most_specific_destination_wins_and_sources_pick_among_candidates() {
-    if !require_root("most_specific_destination_wins_and_sources_pick_among_candidates") {
+    let Some(nat) = standard("most_specific_destination_wins_and_sources_pick_among_candidates") else {
         return;
-    }
-    let nat = Nat::new(settings()).unwrap();
+    };
     // 203.0.113.0/24 lists NARROW (its own /24) before WIDE (0.0.0.0/0).
-    let narrow = Pkt::tcp(POD_NARROW, 40000, REMOTE_NARROW, 443, TCP_SYN);
+    let narrow = Pkt::tcp(POD_NARROW, 40000, REMOTE_NARROW, 443);
     assert_snat(&nat, &narrow, EGRESS_NARROW);
     // Not in NARROW's sources: the next candidate, WIDE, takes it.
-    let other = Pkt::tcp(POD_OTHER, 40000, REMOTE_NARROW, 443, TCP_SYN);
+    let other = Pkt::tcp(POD_OTHER, 40000, REMOTE_NARROW, 443);
     assert_snat(&nat, &other, EGRESS_WIDE);
     // Outside 203.0.113.0/24 NARROW's pods go through WIDE too.
-    let elsewhere = Pkt::tcp(POD_NARROW, 40000, REMOTE, 443, TCP_SYN);
+    let elsewhere = Pkt::tcp(POD_NARROW, 40000, REMOTE, 443);
     assert_snat(&nat, &elsewhere, EGRESS_WIDE);
 
     assert_eq!(nat.counters(NARROW).new_flows, 1);
@@ -186,8 +202,8 @@ fn the_first_choice_port_is_the_same_on_a_fresh_datapath() {
         return;
     }
     let flows = [
-        Pkt::tcp(POD, 40000, REMOTE, 443, TCP_SYN),
-        Pkt::tcp(POD, 40001, REMOTE, 443, TCP_SYN),
+        Pkt::tcp(POD, 40000, REMOTE, 443),
+        Pkt::tcp(POD, 40001, REMOTE, 443),
         Pkt::udp(POD_NARROW, 123, REMOTE_NARROW, 123),
         Pkt::echo(POD6, REMOTE6, 77, false),
     ];
@@ -216,24 +232,16 @@ fn the_first_choice_port_is_the_same_on_a_fresh_datapath() {
 
 #[test]
 fn a_port_held_by_another_flow_is_not_reused_but_an_expired_one_is() {
-    if !require_root("a_port_held_by_another_flow_is_not_reused_but_an_expired_one_is") {
+    let Some(mut nat) = standard("a_port_held_by_another_flow_is_not_reused_but_an_expired_one_is") else {
         return;
-    }
-    let mut nat = Nat::new(settings()).unwrap();
-    let pkt = Pkt::tcp(POD, 40000, REMOTE, 443, TCP_SYN);
+    };
+    let pkt = Pkt::tcp(POD, 40000, REMOTE, 443);
     let first = first_choice(&pkt, PORT_MIN, PORT_MAX);
     // Another pod's flow to the same destination holds the first choice.
-    let reply_key = Pkt::tcp(REMOTE, 443, EGRESS_WIDE, first, TCP_ACK).key();
-    let foreign = NatEntry {
-        addr: addr_bytes(ip(POD_OTHER)).0,
-        created_ns: monotonic_ns(),
-        last_seen_ns: monotonic_ns(),
-        expires_ns: monotonic_ns() + 3600 * S,
-        policy_id: WIDE,
-        port: 41000u16.to_be(),
-        state: NAT_TCP_ESTABLISHED,
-        dir: NAT_DIR_REPLY,
-    };
+    let reply_key = Pkt::tcp(REMOTE, 443, EGRESS_WIDE, first)
+        .flags(TCP_ACK)
+        .flow_key();
+    let foreign = foreign_reply(NAT_TCP_ESTABLISHED);
     nat.put_entry(reply_key, foreign);
     let port = assert_snat(&nat, &pkt, EGRESS_WIDE);
     assert_ne!(port, first, "the held port must not be given to a second flow");
@@ -242,15 +250,15 @@ fn a_port_held_by_another_flow_is_not_reused_but_an_expired_one_is() {
     assert_eq!(nat.entry(&reply_key), Some(foreign), "the holder is untouched");
     flow_entries(&nat, &pkt, EGRESS_WIDE, port);
     // Its replies reach this pod, the holder's reach the holder.
-    let back = Pkt::tcp(REMOTE, 443, EGRESS_WIDE, port, TCP_SYN | TCP_ACK);
+    let back = Pkt::tcp(REMOTE, 443, EGRESS_WIDE, port).flags(TCP_SYN | TCP_ACK);
     let (_, out) = nat.rnat(&back.frame());
     assert_eq!(out, back.with(REMOTE, 443, POD, 40000).frame());
-    let holder = Pkt::tcp(REMOTE, 443, EGRESS_WIDE, first, TCP_ACK);
+    let holder = Pkt::tcp(REMOTE, 443, EGRESS_WIDE, first).flags(TCP_ACK);
     let (_, out) = nat.rnat(&holder.frame());
     assert_eq!(out, holder.with(REMOTE, 443, POD_OTHER, 41000).frame());
 
     // The same port toward another destination is free: ports are per destination.
-    let elsewhere = Pkt::tcp(POD, 40000, "198.51.100.8", 443, TCP_SYN);
+    let elsewhere = Pkt::tcp(POD, 40000, "198.51.100.8", 443);
     let p2 = assert_snat(&nat, &elsewhere, EGRESS_WIDE);
     assert_eq!(p2, first_choice(&elsewhere, PORT_MIN, PORT_MAX));
 
@@ -258,9 +266,9 @@ fn a_port_held_by_another_flow_is_not_reused_but_an_expired_one_is() {
     let mut expired = foreign;
     expired.expires_ns = 2;
     nat.put_entry(reply_key, expired);
-    let pkt2 = Pkt::tcp(POD, 40000, REMOTE, 443, TCP_SYN);
-    nat.table.remove(&pkt2.key()).unwrap();
-    let old_reply = Pkt::tcp(REMOTE, 443, EGRESS_WIDE, port, TCP_ACK).key();
+    let pkt2 = Pkt::tcp(POD, 40000, REMOTE, 443);
+    nat.table.remove(&pkt2.flow_key()).unwrap();
+    let old_reply = Pkt::tcp(REMOTE, 443, EGRESS_WIDE, port).flags(TCP_ACK).flow_key();
     nat.table.remove(&old_reply).unwrap();
     assert_eq!(assert_snat(&nat, &pkt2, EGRESS_WIDE), first);
     let (_, r) = flow_entries(&nat, &pkt2, EGRESS_WIDE, first);
@@ -288,7 +296,7 @@ fn exhaustion_drops_and_counts_never_translating_wrongly() {
     let frame = c.frame();
     let (verdict, _) = nat.snat(&frame);
     assert_eq!(verdict, TC_ACT_SHOT, "no port left: dropped");
-    assert!(nat.entry(&c.key()).is_none());
+    assert!(nat.entry(&c.flow_key()).is_none());
     let reasons = nat.reasons();
     assert_eq!(reasons.get("nat_exhausted_drop"), Some(&(1, frame.len() as u64)));
     let counters = nat.counters(WIDE);
@@ -309,14 +317,13 @@ fn exhaustion_drops_and_counts_never_translating_wrongly() {
 
 #[test]
 fn fin_and_rst_move_both_entries_to_the_closing_timeout() {
-    if !require_root("fin_and_rst_move_both_entries_to_the_closing_timeout") {
+    let Some(mut nat) = standard("fin_and_rst_move_both_entries_to_the_closing_timeout") else {
         return;
-    }
-    let mut nat = Nat::new(settings()).unwrap();
+    };
     // FIN from the pod.
-    let syn = Pkt::tcp(POD, 40000, REMOTE, 443, TCP_SYN);
+    let syn = Pkt::tcp(POD, 40000, REMOTE, 443);
     let port = assert_snat(&nat, &syn, EGRESS_WIDE);
-    let syn_ack = Pkt::tcp(REMOTE, 443, EGRESS_WIDE, port, TCP_SYN | TCP_ACK);
+    let syn_ack = Pkt::tcp(REMOTE, 443, EGRESS_WIDE, port).flags(TCP_SYN | TCP_ACK);
     nat.rnat(&syn_ack.frame());
     assert_eq!(
         flow_entries(&nat, &syn, EGRESS_WIDE, port).0.state,
@@ -324,20 +331,20 @@ fn fin_and_rst_move_both_entries_to_the_closing_timeout() {
     );
     assert_snat(
         &nat,
-        &Pkt::tcp(POD, 40000, REMOTE, 443, TCP_FIN | TCP_ACK),
+        &Pkt::tcp(POD, 40000, REMOTE, 443).flags(TCP_FIN | TCP_ACK),
         EGRESS_WIDE,
     );
     let (o, _) = flow_entries(&nat, &syn, EGRESS_WIDE, port);
     assert_eq!((o.state, timeout_ns(&o)), (NAT_TCP_CLOSING, 10 * S));
     // The last ACK still goes through while closing.
-    let last = Pkt::tcp(REMOTE, 443, EGRESS_WIDE, port, TCP_FIN | TCP_ACK);
+    let last = Pkt::tcp(REMOTE, 443, EGRESS_WIDE, port).flags(TCP_FIN | TCP_ACK);
     let (_, out) = nat.rnat(&last.frame());
     assert_eq!(out, last.with(REMOTE, 443, POD, 40000).frame());
 
     // RST from the remote side.
-    let syn2 = Pkt::tcp(POD, 40002, REMOTE, 443, TCP_SYN);
+    let syn2 = Pkt::tcp(POD, 40002, REMOTE, 443);
     let port2 = assert_snat(&nat, &syn2, EGRESS_WIDE);
-    let rst = Pkt::tcp(REMOTE, 443, EGRESS_WIDE, port2, TCP_RST | TCP_ACK);
+    let rst = Pkt::tcp(REMOTE, 443, EGRESS_WIDE, port2).flags(TCP_RST | TCP_ACK);
     let (_, out) = nat.rnat(&rst.frame());
     assert_eq!(out, rst.with(REMOTE, 443, POD, 40002).frame());
     let (o, _) = flow_entries(&nat, &syn2, EGRESS_WIDE, port2);
@@ -345,12 +352,12 @@ fn fin_and_rst_move_both_entries_to_the_closing_timeout() {
 
     // Past the timeout the mapping is gone for replies and made anew by the pod's next SYN,
     // on the same (deterministic) port.
-    for key in [syn2.key(), rst.key()] {
+    for key in [syn2.flow_key(), rst.flow_key()] {
         let mut e = nat.entry(&key).unwrap();
         e.expires_ns = monotonic_ns() - S;
         nat.put_entry(key, e);
     }
-    let late = Pkt::tcp(REMOTE, 443, EGRESS_WIDE, port2, TCP_ACK).frame();
+    let late = Pkt::tcp(REMOTE, 443, EGRESS_WIDE, port2).flags(TCP_ACK).frame();
     assert_eq!(nat.rnat(&late), (TC_ACT_OK, late.clone()), "expired: untouched");
     assert_eq!(nat.reasons().get("rnat_miss_pass"), Some(&(1, late.len() as u64)));
     assert_eq!(assert_snat(&nat, &syn2, EGRESS_WIDE), port2);
@@ -361,47 +368,37 @@ fn fin_and_rst_move_both_entries_to_the_closing_timeout() {
 
 #[test]
 fn a_lost_half_is_rebuilt_on_the_same_port() {
-    if !require_root("a_lost_half_is_rebuilt_on_the_same_port") {
+    let Some(mut nat) = standard("a_lost_half_is_rebuilt_on_the_same_port") else {
         return;
-    }
-    let mut nat = Nat::new(settings()).unwrap();
+    };
     let pkt = Pkt::udp(POD, 5353, REMOTE, 53);
     let port = assert_snat(&nat, &pkt, EGRESS_WIDE);
     // The ORIGINAL half evicted: the next packet maps again and finds its own REPLY half.
-    nat.table.remove(&pkt.key()).unwrap();
+    nat.table.remove(&pkt.flow_key()).unwrap();
     assert_eq!(assert_snat(&nat, &pkt, EGRESS_WIDE), port);
     flow_entries(&nat, &pkt, EGRESS_WIDE, port);
 
     // The REPLY half evicted: the next refresh of the ORIGINAL half finds it missing and
     // drops the ORIGINAL half too, so that the flow maps again rather than half-working.
     let reply = pkt.reply(L4::Udp).with(REMOTE, 53, EGRESS_WIDE, port);
-    nat.table.remove(&reply.key()).unwrap();
-    let mut o = nat.entry(&pkt.key()).unwrap();
+    nat.table.remove(&reply.flow_key()).unwrap();
+    let mut o = nat.entry(&pkt.flow_key()).unwrap();
     o.last_seen_ns -= 2 * S; // due for a refresh
-    nat.put_entry(pkt.key(), o);
+    nat.put_entry(pkt.flow_key(), o);
     assert_eq!(assert_snat(&nat, &pkt, EGRESS_WIDE), port);
-    assert!(nat.entry(&pkt.key()).is_none());
+    assert!(nat.entry(&pkt.flow_key()).is_none());
     assert_eq!(assert_snat(&nat, &pkt, EGRESS_WIDE), port);
     flow_entries(&nat, &pkt, EGRESS_WIDE, port);
 
     // The REPLY key now holds another pod's flow: the same, and the flow moves to a new port.
-    let foreign = NatEntry {
-        addr: addr_bytes(ip(POD_OTHER)).0,
-        created_ns: monotonic_ns(),
-        last_seen_ns: monotonic_ns(),
-        expires_ns: monotonic_ns() + 3600 * S,
-        policy_id: WIDE,
-        port: 41000u16.to_be(),
-        state: NAT_OPEN,
-        dir: NAT_DIR_REPLY,
-    };
-    nat.put_entry(reply.key(), foreign);
-    let mut o = nat.entry(&pkt.key()).unwrap();
+    let foreign = foreign_reply(NAT_OPEN);
+    nat.put_entry(reply.flow_key(), foreign);
+    let mut o = nat.entry(&pkt.flow_key()).unwrap();
     o.last_seen_ns -= 2 * S;
-    nat.put_entry(pkt.key(), o);
+    nat.put_entry(pkt.flow_key(), o);
     assert_eq!(assert_snat(&nat, &pkt, EGRESS_WIDE), port);
-    assert!(nat.entry(&pkt.key()).is_none());
-    assert_eq!(nat.entry(&reply.key()), Some(foreign));
+    assert!(nat.entry(&pkt.flow_key()).is_none());
+    assert_eq!(nat.entry(&reply.flow_key()), Some(foreign));
     let moved = assert_snat(&nat, &pkt, EGRESS_WIDE);
     assert_ne!(moved, port);
     flow_entries(&nat, &pkt, EGRESS_WIDE, moved);
@@ -409,26 +406,15 @@ fn a_lost_half_is_rebuilt_on_the_same_port() {
 
 #[test]
 fn icmp_errors_quoting_translated_packets_are_translated_back() {
-    if !require_root("icmp_errors_quoting_translated_packets_are_translated_back") {
+    let Some(nat) = standard("icmp_errors_quoting_translated_packets_are_translated_back") else {
         return;
-    }
-    let nat = Nat::new(settings()).unwrap();
+    };
     let cases: [(Pkt, &str, &str, &str); 6] = [
         (Pkt::udp(POD, 5353, REMOTE, 53), EGRESS_WIDE, ROUTER, POD),
-        (
-            Pkt::tcp(POD, 40000, REMOTE, 443, TCP_SYN),
-            EGRESS_WIDE,
-            ROUTER,
-            POD,
-        ),
+        (Pkt::tcp(POD, 40000, REMOTE, 443), EGRESS_WIDE, ROUTER, POD),
         (Pkt::echo(POD, REMOTE, 0x0abc, false), EGRESS_WIDE, ROUTER, POD),
         (Pkt::udp(POD6, 5353, REMOTE6, 53), EGRESS_V6, ROUTER6, POD6),
-        (
-            Pkt::tcp(POD6, 40000, REMOTE6, 443, TCP_SYN),
-            EGRESS_V6,
-            ROUTER6,
-            POD6,
-        ),
+        (Pkt::tcp(POD6, 40000, REMOTE6, 443), EGRESS_V6, ROUTER6, POD6),
         (Pkt::echo(POD6, REMOTE6, 0x0abc, false), EGRESS_V6, ROUTER6, POD6),
     ];
     let mut count = 0;
@@ -468,7 +454,7 @@ fn icmp_errors_quoting_translated_packets_are_translated_back() {
     let mut sent = 0;
     for (pod, remote, egress) in [(POD, REMOTE, EGRESS_WIDE), (POD6, REMOTE6, EGRESS_V6)] {
         let flow = Pkt::udp(pod, 5353, remote, 53);
-        let port = u16::from_be(nat.entry(&flow.key()).expect("flow mapped above").port);
+        let port = u16::from_be(nat.entry(&flow.flow_key()).expect("flow mapped above").port);
         let at_gateway = flow.reply(L4::Udp).with(remote, 53, egress, port);
         let at_pod = at_gateway.with(remote, 53, pod, 5353);
         let hlen = if flow.is_v4() { 20 } else { 40 };
@@ -493,10 +479,9 @@ fn icmp_errors_quoting_translated_packets_are_translated_back() {
 
 #[test]
 fn a_zero_udp_checksum_stays_zero() {
-    if !require_root("a_zero_udp_checksum_stays_zero") {
+    let Some(nat) = standard("a_zero_udp_checksum_stays_zero") else {
         return;
-    }
-    let nat = Nat::new(settings()).unwrap();
+    };
     let pkt = Pkt::new(POD, 5353, REMOTE, 53, L4::UdpNoChecksum);
     let port = assert_snat(&nat, &pkt, EGRESS_WIDE);
     let (_, out) = nat.snat(&pkt.frame());
@@ -541,25 +526,22 @@ fn zero_sum(mut p: Pkt) -> Pkt {
 
 #[test]
 fn later_fragments_get_the_egress_address_and_unsupported_protocols_are_counted() {
-    if !require_root("later_fragments_get_the_egress_address_and_unsupported_protocols_are_counted") {
+    let Some(nat) = standard("later_fragments_get_the_egress_address_and_unsupported_protocols_are_counted")
+    else {
         return;
-    }
-    let nat = Nat::new(settings()).unwrap();
+    };
     for (pod, remote, egress) in [(POD, REMOTE, EGRESS_WIDE), (POD6, REMOTE6, EGRESS_V6)] {
         // The first fragment carries the ports and goes through the conntrack...
-        let mut first = Pkt::udp(pod, 5353, remote, 53);
-        first.more_fragments = true;
+        let first = Pkt::udp(pod, 5353, remote, 53).fragment(0, true);
         let port = assert_snat(&nat, &first, egress);
         // ...its L4 checksum covers the whole datagram, so only the header sum is checkable.
-        let mut later = Pkt::udp(pod, 5353, remote, 53);
-        later.frag_offset = 4;
+        let later = Pkt::udp(pod, 5353, remote, 53).fragment(4, false);
         let (verdict, out) = nat.snat(&later.frame());
         assert_eq!(verdict, TC_ACT_OK);
         check_frame(&out);
         assert_eq!(out, later.with(egress, 5353, remote, 53).frame());
         // The reply's later fragments carry no port to find the pod by: passed, counted.
-        let mut back = Pkt::udp(remote, 53, egress, port);
-        back.frag_offset = 4;
+        let back = Pkt::udp(remote, 53, egress, port).fragment(4, false);
         let frame = back.frame();
         assert_eq!(nat.rnat(&frame), (TC_ACT_OK, frame.clone()));
     }
@@ -583,14 +565,13 @@ fn later_fragments_get_the_egress_address_and_unsupported_protocols_are_counted(
 
 #[test]
 fn malformed_and_truncated_packets_pass_untouched() {
-    if !require_root("malformed_and_truncated_packets_pass_untouched") {
+    let Some(mut nat) = standard("malformed_and_truncated_packets_pass_untouched") else {
         return;
-    }
-    let mut nat = Nat::new(settings()).unwrap();
-    let tcp = Pkt::tcp(POD, 40000, REMOTE, 443, TCP_SYN).frame();
+    };
+    let tcp = Pkt::tcp(POD, 40000, REMOTE, 443).frame();
     let udp = Pkt::udp(POD, 5353, REMOTE, 53).frame();
     let echo = Pkt::echo(POD, REMOTE, 9, false).frame();
-    let tcp6 = Pkt::tcp(POD6, 40000, REMOTE6, 443, TCP_SYN).frame();
+    let tcp6 = Pkt::tcp(POD6, 40000, REMOTE6, 443).frame();
     let mutate = |f: &[u8], edit: &dyn Fn(&mut Vec<u8>)| {
         let mut f = f.to_vec();
         edit(&mut f);

@@ -6,16 +6,8 @@
 use anyhow::{bail, Result};
 use gatewayd::encryption::ipsec::{desired_xfrm, Xfrm, REQID};
 use gatewayd::model::Peer;
+use gatewayd_integration::require_root;
 use std::process::Command;
-
-fn require_root(name: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    println!("SKIP: {name} needs root");
-    false
-}
 
 /// Runs `f` on a thread moved into a fresh network namespace, with a tokio runtime; commands
 /// it spawns inherit the namespace. The namespace goes with the thread.
