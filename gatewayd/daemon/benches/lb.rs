@@ -119,27 +119,21 @@ SEC("xdp") int bench_lookup(struct xdp_md *ctx)
 	return bpf_map_lookup_elem(&bench_flows, &k) ? XDP_PASS : XDP_DROP;
 }
 
-/* Inserts the flow: PASS when the insert worked. */
-SEC("xdp") int bench_insert(struct xdp_md *ctx)
-{
-	struct flow_key k = {};
-	struct flow f = { 1, 1 };
+/* Inserts the flow into `table`: PASS when the insert worked. */
+#define INSERT_PROGRAM(name, table)                                                               \
+	SEC("xdp") int name(struct xdp_md *ctx)                                                    \
+	{                                                                                          \
+		struct flow_key k = {};                                                            \
+		struct flow f = { 1, 1 };                                                          \
+                                                                                                   \
+		if (flow_key(ctx, &k))                                                             \
+			return XDP_ABORTED;                                                        \
+		return bpf_map_update_elem(&table, &k, &f, BPF_ANY) ? XDP_DROP : XDP_PASS;         \
+	}
 
-	if (flow_key(ctx, &k))
-		return XDP_ABORTED;
-	return bpf_map_update_elem(&bench_new, &k, &f, BPF_ANY) ? XDP_DROP : XDP_PASS;
-}
-
+INSERT_PROGRAM(bench_insert, bench_new)
 /* The same into an LRU hash with per-CPU LRU lists (BPF_F_NO_COMMON_LRU). */
-SEC("xdp") int bench_insert_percpu(struct xdp_md *ctx)
-{
-	struct flow_key k = {};
-	struct flow f = { 1, 1 };
-
-	if (flow_key(ctx, &k))
-		return XDP_ABORTED;
-	return bpf_map_update_elem(&bench_new_percpu, &k, &f, BPF_ANY) ? XDP_DROP : XDP_PASS;
-}
+INSERT_PROGRAM(bench_insert_percpu, bench_new_percpu)
 
 char _license[] SEC("license") = "GPL";
 "#;
@@ -390,17 +384,10 @@ impl<'a> Variant<'a> {
         next: impl FnMut(&mut Rng) -> Pkt + 'a,
     ) -> Self {
         Variant {
-            name,
             services: config.count,
             target,
-            program: config.lb.program(),
             lb: Some(&config.lb),
-            forget: None,
-            next: Box::new(next),
-            action,
-            samples: vec![],
-            outliers: 0,
-            observer: None,
+            ..Self::reference(name, config.lb.program(), action, next)
         }
     }
 
@@ -725,6 +712,53 @@ fn established_flows(
     Ok(())
 }
 
+/// The same variant on every datapath (1, 1,000, 100,000 services), measured in one phase.
+fn on_every_config<'a>(
+    configs: &'a [Config],
+    name: &'static str,
+    target: Option<f64>,
+    action: u32,
+    next: impl FnMut(&mut Rng) -> Pkt + Clone + 'a,
+) -> Vec<Variant<'a>> {
+    configs
+        .iter()
+        .map(|c| Variant::new(name, target, c, action, next.clone()))
+        .collect()
+}
+
+/// New flows to the first service of every datapath (target 10x the floor); each run's entry
+/// is removed after it, so every run inserts.
+fn new_flows_on_every_config<'a>(
+    configs: &'a [Config],
+    name: &'static str,
+    new_flow: impl Fn(usize) -> Pkt + Copy + 'a,
+) -> Result<Vec<Variant<'a>>> {
+    on_every_config(configs, name, Some(10.0), XDP_TX, move |_| new_flow(0))
+        .into_iter()
+        .map(Variant::forgetting)
+        .collect()
+}
+
+/// New flows of every multi-service datapath, each to a service picked at random: every packet
+/// meets another service entry, Maglev table and counters (informative: no target).
+fn new_flows_any_service<'a>(
+    name: &'static str,
+    configs: &'a [Config],
+    new_flow: impl Fn(usize) -> Pkt + Copy + 'a,
+) -> Result<Vec<Variant<'a>>> {
+    configs
+        .iter()
+        .filter(|c| c.count > 1)
+        .map(|c| {
+            let count = c.count as u64;
+            Variant::new(name, None, c, XDP_TX, move |rng: &mut Rng| {
+                new_flow(rng.below(count) as usize)
+            })
+            .forgetting()
+        })
+        .collect()
+}
+
 /// The reference programs.
 struct References<'a> {
     pass: &'a Xdp,
@@ -769,32 +803,25 @@ fn bench(
     }
     let mut rows = {
         let mut v = vec![Variant::floor(pass, one_flow)];
-        for c in configs.iter() {
-            v.push(Variant::new(
-                "non-VIP packet (pass)",
-                Some(2.0),
-                c,
-                XDP_PASS,
-                |_| non_vip.clone(),
-            ));
-        }
-        for c in configs.iter() {
-            v.push(Variant::new(
-                "established flow, 1 flow",
-                Some(5.0),
-                c,
-                XDP_TX,
-                |_| one_flow.clone(),
-            ));
-        }
-        for c in configs.iter() {
-            v.push(
-                Variant::new("new flow, empty table", Some(10.0), c, XDP_TX, move |_| {
-                    new_flow(0)
-                })
-                .forgetting()?,
-            );
-        }
+        v.extend(on_every_config(
+            configs,
+            "non-VIP packet (pass)",
+            Some(2.0),
+            XDP_PASS,
+            |_| non_vip.clone(),
+        ));
+        v.extend(on_every_config(
+            configs,
+            "established flow, 1 flow",
+            Some(5.0),
+            XDP_TX,
+            |_| one_flow.clone(),
+        ));
+        v.extend(new_flows_on_every_config(
+            configs,
+            "new flow, empty table",
+            new_flow,
+        )?);
         // `gatewayctl observe` attached: what event emission costs the paths that emit
         // (new flows) and those that do not (established flows).
         let c = &configs[0];
@@ -831,19 +858,11 @@ fn bench(
             )
             .forgetting_in(bare_new_percpu)?,
         );
-        for c in configs.iter().filter(|c| c.count > 1) {
-            let count = c.count as u64;
-            v.push(
-                Variant::new(
-                    "new flow, empty table, any service",
-                    None,
-                    c,
-                    XDP_TX,
-                    move |rng: &mut Rng| new_flow(rng.below(count) as usize),
-                )
-                .forgetting()?,
-            );
-        }
+        v.extend(new_flows_any_service(
+            "new flow, empty table, any service",
+            configs,
+            new_flow,
+        )?);
         measure(topo, configs, &mut v, 0x9e37_79b9_7f4a_7c15)?
     };
 
@@ -873,35 +892,29 @@ fn bench(
             XDP_PASS,
             |_| packet(ack, client([10, 220, 0, 0], 7), 0),
         ));
+        // An ACK of one of the 1M established flows, picked at random.
+        let any_established = |rng: &mut Rng| {
+            let n = rng.below(ESTABLISHED_FLOWS as u64) as u32;
+            packet(ack, client([10, 220, 0, 0], n), 0)
+        };
         v.push(Variant::reference(
             "bare LRU lookup, 1M entries",
             refs.lookup,
             XDP_PASS,
-            |rng: &mut Rng| {
-                let n = rng.below(ESTABLISHED_FLOWS as u64) as u32;
-                packet(ack, client([10, 220, 0, 0], n), 0)
-            },
+            any_established,
         ));
-        for c in configs.iter() {
-            v.push(Variant::new(
-                "established flow, 1M flows",
-                Some(5.0),
-                c,
-                XDP_TX,
-                |rng: &mut Rng| {
-                    let n = rng.below(ESTABLISHED_FLOWS as u64) as u32;
-                    packet(ack, client([10, 220, 0, 0], n), 0)
-                },
-            ));
-        }
-        for c in configs.iter() {
-            v.push(
-                Variant::new("new flow, table of 1M flows", Some(10.0), c, XDP_TX, move |_| {
-                    new_flow(0)
-                })
-                .forgetting()?,
-            );
-        }
+        v.extend(on_every_config(
+            configs,
+            "established flow, 1M flows",
+            Some(5.0),
+            XDP_TX,
+            any_established,
+        ));
+        v.extend(new_flows_on_every_config(
+            configs,
+            "new flow, table of 1M flows",
+            new_flow,
+        )?);
         measure(topo, configs, &mut v, 0x2545_f491_4f6c_dd1d)?
     });
 
@@ -935,19 +948,11 @@ fn bench(
                     },
                 ));
             }
-            for c in configs.iter().filter(|c| c.count > 1) {
-                let count = c.count as u64;
-                v.push(
-                    Variant::new(
-                        "new flow, 1M table, any service",
-                        None,
-                        c,
-                        XDP_TX,
-                        move |rng: &mut Rng| new_flow(rng.below(count) as usize),
-                    )
-                    .forgetting()?,
-                );
-            }
+            v.extend(new_flows_any_service(
+                "new flow, 1M table, any service",
+                configs,
+                new_flow,
+            )?);
             measure(topo, configs, &mut v, 0x5851_f42d_4c95_7f2d)?
         });
     }
